@@ -1,0 +1,110 @@
+"""Self-describing checkpoints: weights plus everything needed to use them correctly.
+
+A checkpoint is a ``torch.save`` dict of plain data and tensors (loadable with ``weights_only=True``):
+
+    format        "skypipe.checkpoint/1"
+    model         SkySenseConfig.to_dict(): architecture AND the modalities (bands in order, units,
+                  normalisation mean/std, GSD)
+    code_version  skypipe version (+ git commit when available) that wrote it
+    provenance    free-form dict: training data, steps, notes
+    state_dict    the weights
+    extra         optional extra state (heads, EMA teacher, ...)
+
+Loading rebuilds the model from the stored config and checks the weights against it; inputs are checked
+against the stored band order by the model itself (``BandMismatchError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+
+from pipeline import __version__
+
+from .config import SkySenseConfig
+from .skysense import SkySenseV2
+
+FORMAT = "skypipe.checkpoint/1"
+
+
+def code_version() -> str:
+    """``skypipe <version>`` plus the git commit of the source tree when it is a checkout."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"skypipe {__version__}" + (f" ({sha})" if sha else "")
+
+
+def save_checkpoint(
+    model: SkySenseV2,
+    path: str | Path,
+    provenance: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint to a local path or fsspec URL; returns the SHA-256 of the written bytes."""
+    payload = {
+        "format": FORMAT,
+        "model": model.config.to_dict(),
+        "code_version": code_version(),
+        "provenance": provenance or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    tmp = f"{path}.tmp"
+    with fsspec.open(tmp, "wb") as f:
+        f.write(data)
+    fs, real = fsspec.core.url_to_fs(str(path))
+    fs.mv(f"{real}.tmp", real)  # atomic on local filesystems: a killed save never leaves a torn checkpoint
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate the checkpoint dict (no model built)."""
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as err:  # torch raises many types for torn/foreign files
+        raise ValueError(f"{path} is not a readable skypipe checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: not a {FORMAT} checkpoint (format: {found!r})")
+    return payload
+
+
+def load_checkpoint(path: str | Path, strict: bool = True) -> tuple[SkySenseV2, dict[str, Any]]:
+    """Rebuild the model stored in ``path``; returns ``(model, payload-without-weights)``."""
+    payload = read_checkpoint(path)
+    config = SkySenseConfig.from_dict(payload["model"])
+    model = SkySenseV2(config)
+    missing, unexpected = model.load_state_dict(payload.pop("state_dict"), strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{path}: weights do not match the stored config {config.name!r}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    model.eval()
+    return model, payload
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 of a checkpoint file (provenance of embedding archives)."""
+    h = hashlib.sha256()
+    with fsspec.open(str(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
