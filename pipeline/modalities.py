@@ -28,7 +28,7 @@ class ModalitySpec:
         std: per-band standard deviation (in ``units``).
         gsd: nominal ground sampling distance in metres.
         temporal: whether the modality is a time series (S2, S1) or usually a single acquisition (HR).
-        nodata: value marking missing pixels in the cube (NaN for floats).
+        nodata: value marking missing pixels in the source data; None means NaN marks them (float cubes).
 
     """
 
@@ -39,7 +39,7 @@ class ModalitySpec:
     std: tuple[float, ...]
     gsd: float
     temporal: bool = True
-    nodata: float = float("nan")
+    nodata: float | None = None
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +75,6 @@ class ModalitySpec:
         d["bands"] = list(self.bands)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
-        d["nodata"] = None if np.isnan(self.nodata) else self.nodata
         return d
 
     @classmethod
@@ -85,7 +84,6 @@ class ModalitySpec:
         d["bands"] = tuple(d["bands"])
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
-        d["nodata"] = float("nan") if d.get("nodata") is None else float(d["nodata"])
         return cls(**d)
 
     def with_bands(self, bands: tuple[str, ...] | list[str]) -> ModalitySpec:
