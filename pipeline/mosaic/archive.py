@@ -1,0 +1,293 @@
+"""Embedding archives: int8 (or float32) embedding mosaics plus a GeoParquet table of per-tile vectors.
+
+Layout of ``{archive}`` (a local folder or fsspec URL)::
+
+    archive.json              format, version, provenance (model, code_version, checkpoint, checkpoint_sha256,
+                              preprocessing), quantized, crs of the table, mosaics (names, in order of appending)
+    mosaics/<name>.zarr       Zarr v3, opens with ``xr.open_zarr(..., decode_coords="all")``:
+        embedding   (band, y, x) int8 (quantized; -128 = no data) or float32 (NaN = no data)
+        scale, zero_point (band,) float64   dequantise: ``x = scale * (q - zero_point)``
+        valid       (y, x) uint8;  x, y, spatial_ref as in the mosaic;  attrs: provenance, kind, grid, time
+    tiles.parquet             GeoParquet (``geopandas.read_parquet``), one row per done tile: geometry (tile
+                              footprint polygon in the table CRS = the first mosaic's grid CRS), tile_id, mosaic,
+                              row, col, time_start, time_end, model, code_version, checkpoint, checkpoint_sha256,
+                              preprocessing (JSON), grid_crs, vector (fixed_size_list<float32>[C], pooled embedding)
+
+Quantization is affine per channel over the channel's valid range ``[lo, hi]``: ``q = round((x - lo) / scale) -
+127`` with ``scale = (hi - lo) / 254``, so the absolute error of every value is at most ``scale / 2 = (hi - lo) /
+508`` (0.2 % of the channel's range) plus float32 rounding, and the archive is 4x smaller than float32. Cosine
+similarities of dequantised embeddings stay within about 1e-3 of float ones (measured 1e-4 to 9e-4 on 16-256
+channel embeddings of a real S2 chip; the test allows 1e-2).
+
+Provenance (checkpoint sha256 and preprocessing) is checked whenever an archive is opened or appended to: mixing
+models or preprocessing raises :class:`ProvenanceError` naming both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import fsspec
+import geopandas as gpd
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyproj
+import shapely
+import xarray as xr
+
+from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
+from pipeline.mosaic.tiles import join_url, open_tile_store, store_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "skypipe-embedding-archive"
+VERSION = 1
+QNODATA = -128
+_IDENTITY = ("checkpoint_sha256", "preprocessing")  # what must match for embeddings to be comparable
+_DESCRIBE = ("model", "code_version", "checkpoint", "checkpoint_sha256", "preprocessing")
+
+
+class ProvenanceError(ValueError):
+    """Embeddings from different models or preprocessing were about to be mixed."""
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _summary(prov: dict[str, Any]) -> str:
+    pre = _canonical(prov.get("preprocessing"))
+    return f"model {prov.get('model')!r} (checkpoint sha256 {prov.get('checkpoint_sha256')}, preprocessing {pre})"
+
+
+def check_provenance(expected: dict[str, Any], actual: dict[str, Any], *, what: str, against: str) -> None:
+    """Raise :class:`ProvenanceError` unless ``actual`` has the same checkpoint sha256 and preprocessing."""
+    differ = [k for k in _IDENTITY if _canonical(expected.get(k)) != _canonical(actual.get(k))]
+    if differ:
+        raise ProvenanceError(
+            f"refusing to mix embeddings: {what} comes from {_summary(actual)}, but {against} holds "
+            f"{_summary(expected)} ({' and '.join(differ)} differ)"
+        )
+
+
+def _read_json(url: str) -> dict[str, Any]:
+    with fsspec.open(url, "rb") as f:
+        return json.loads(f.read())
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def quantize(emb: xr.DataArray) -> xr.Dataset:
+    """Per-channel int8 quantization of a lazy ``(band, y, x)`` float array (one extra pass for min / max).
+
+    Returns:
+        ``embedding`` (band, y, x) int8 with -128 where NaN, and ``scale`` / ``zero_point`` (band,) float64.
+    """
+    lo, hi = dask.compute(emb.min(dim=("y", "x"), skipna=True), emb.max(dim=("y", "x"), skipna=True))
+    lo, hi = np.nan_to_num(lo.values.astype(np.float64)), np.nan_to_num(hi.values.astype(np.float64))
+    scale = np.where(hi > lo, (hi - lo) / 254.0, 1.0)
+    zero_point = -127.0 - lo / scale  # x = scale * (q - zero_point)
+    s = xr.DataArray(scale, dims="band")
+    z = xr.DataArray(zero_point, dims="band")
+    q = (emb / s + z).round().clip(-127, 127).fillna(QNODATA).astype(np.int8)
+    q.attrs = {"long_name": "int8 embedding", "nodata": QNODATA, "dequantize": "scale * (q - zero_point)"}
+    return xr.Dataset({"embedding": q, "scale": s, "zero_point": z})  # float64: (band,) only
+
+
+def dequantize(ds: xr.Dataset) -> xr.DataArray:
+    """Float32 ``(band, y, x)`` embeddings of an archive mosaic (lazy), NaN where there is no data."""
+    emb = ds["embedding"]
+    if emb.dtype != np.int8:
+        return emb.astype(np.float32)
+    scale = ds["scale"].astype(np.float64)
+    offset = (-scale * ds["zero_point"]).astype(np.float32)  # x = q * scale + offset, in float32 per block
+    out = (emb.astype(np.float32) * scale.astype(np.float32) + offset).where(emb != QNODATA)
+    return out.astype(np.float32).transpose("band", "y", "x")
+
+
+def _tile_table(tiles_url: str, mosaic_name: str, table_crs: str | None) -> pa.Table:
+    """GeoParquet-ready Arrow table of the done tiles' pooled vectors (geometry as WKB in ``table_crs``)."""
+    store = open_tile_store(tiles_url)
+    done = store.done
+    prov = store.provenance
+    vectors = np.asarray(store.group["pooled"][:], dtype=np.float32)[done]  # (M, C)
+    bounds = np.array([store.footprint_bounds(i) for i in done.tolist()]).reshape(-1, 4)
+    geoms = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    grid_crs = pyproj.CRS.from_user_input(store.crs)
+    if table_crs is not None and not grid_crs.equals(pyproj.CRS.from_user_input(table_crs)):
+        geoms = gpd.GeoSeries(geoms, crs=grid_crs).to_crs(table_crs).values  # one table, one CRS
+    start, end = [*(prov.get("time") or []), None, None][:2]
+    n = len(done)
+    cols = {
+        "tile_id": [store.tile_ids[i] for i in done.tolist()],
+        "mosaic": [mosaic_name] * n,
+        "row": store.origins[done, 0],
+        "col": store.origins[done, 1],
+        "time_start": [start] * n,
+        "time_end": [end] * n,
+        **{k: [None if prov.get(k) is None else str(prov.get(k))] * n for k in _DESCRIBE[:-1]},
+        "preprocessing": [_canonical(prov.get("preprocessing"))] * n,
+        "grid_crs": [grid_crs.to_string()] * n,
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+        "geometry": pa.array(shapely.to_wkb(geoms), pa.binary()),
+    }
+    return pa.table({k: v if isinstance(v, pa.Array) else pa.array(v, type=_col_type(k)) for k, v in cols.items()})
+
+
+def _col_type(name: str) -> pa.DataType:
+    return pa.int64() if name in ("row", "col") else pa.string()
+
+
+def _geo_metadata(table: pa.Table, crs: str) -> dict[bytes, bytes]:
+    geoms = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
+    col = {
+        "encoding": "WKB",
+        "geometry_types": sorted({g.geom_type for g in geoms}) if len(geoms) else [],
+        "crs": pyproj.CRS.from_user_input(crs).to_json_dict(),
+        "bbox": [float(v) for v in shapely.total_bounds(geoms)] if len(geoms) else [],
+    }
+    meta = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
+    return {b"geo": json.dumps(meta).encode()}
+
+
+def _write_table(url: str, table: pa.Table, crs: str) -> None:
+    table = table.replace_schema_metadata(_geo_metadata(table, crs))
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path + ".tmp", "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(path + ".tmp", path)  # readers never see half a table
+
+
+def _read_table(url: str) -> pa.Table:
+    with fsspec.open(url, "rb") as f:
+        return pq.read_table(f)
+
+
+def _write_mosaic(mosaic: xr.Dataset, url: str, quantized: bool, name: str) -> None:
+    emb = mosaic[MOSAIC_VAR]
+    out = quantize(emb) if quantized else xr.Dataset({"embedding": emb.astype(np.float32)})
+    out["valid"] = mosaic["valid"]
+    out = out.assign_coords(spatial_ref=mosaic["spatial_ref"])
+    keep = ("kind", "channels", "grid", "provenance", "tile_size")
+    out.attrs = {k: mosaic.attrs[k] for k in keep if k in mosaic.attrs}
+    out.attrs.update(name=name, quantized=quantized)
+    for var in out.variables.values():
+        var.encoding = {}  # the source Zarr's encodings (chunks, fill values) do not apply here
+    out.to_zarr(store_path(url), zarr_format=3, consolidated=False, mode="w")
+
+
+def _add(archive_url: str, meta: dict[str, Any], mosaic_url: str, tiles_url: str, name: str) -> None:
+    mosaic = open_mosaic(mosaic_url)
+    tiles = open_tile_store(tiles_url)
+    check_provenance(meta["provenance"], mosaic.attrs.get("provenance", {}), what=mosaic_url, against=archive_url)
+    check_provenance(meta["provenance"], tiles.provenance, what=tiles_url, against=archive_url)
+    if name in meta["mosaics"]:
+        raise ValueError(f"{archive_url} already has a mosaic named {name!r}")
+    _write_mosaic(mosaic, join_url(archive_url, "mosaics", f"{name}.zarr"), meta["quantized"], name)
+    table_url = join_url(archive_url, "tiles.parquet")
+    new = _tile_table(tiles_url, name, meta["crs"])
+    fs, path = fsspec.core.url_to_fs(table_url)
+    if fs.exists(path):
+        old = _read_table(table_url)
+        if old.schema.field("vector").type != new.schema.field("vector").type:
+            raise ProvenanceError(f"vector type {new.schema.field('vector').type} != {old.schema.field('vector').type}")
+        new = pa.concat_tables([old.replace_schema_metadata(None), new])
+    _write_table(table_url, new, meta["crs"])
+    meta["mosaics"].append(name)
+    _write_bytes(join_url(archive_url, "archive.json"), json.dumps(meta, indent=1).encode())
+
+
+def build_archive(
+    mosaic_url: str, tiles_url: str, archive_url: str, quantize: bool = True, *, name: str = "0000"
+) -> str:
+    """Create an embedding archive from one stitched mosaic and its tile store (replacing any archive there).
+
+    Args:
+        mosaic_url: an ``embeddings`` mosaic from :func:`pipeline.mosaic.stitch.stitch_tiles`.
+        tiles_url: the tile store it was stitched from (per-tile pooled vectors, footprints, provenance).
+        archive_url: output folder (local path or fsspec URL).
+        quantize: store int8 + per-channel scale / zero point (default) instead of float32.
+        name: the mosaic's name inside the archive.
+
+    Returns:
+        ``archive_url``.
+    """
+    fs, path = fsspec.core.url_to_fs(archive_url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    tiles = open_tile_store(tiles_url)
+    prov = {k: tiles.provenance.get(k) for k in _DESCRIBE}
+    meta = {"format": FORMAT, "version": VERSION, "provenance": prov, "quantized": bool(quantize),
+            "crs": tiles.crs, "mosaics": []}  # fmt: skip
+    _add(archive_url, meta, mosaic_url, tiles_url, name)
+    return archive_url
+
+
+def append_to_archive(archive_url: str, mosaic_url: str, tiles_url: str, *, name: str | None = None) -> str:
+    """Add another mosaic (same model and preprocessing; any region or time) to an existing archive.
+
+    Raises:
+        ProvenanceError: the new tiles or mosaic come from another checkpoint or preprocessing.
+    """
+    meta = open_archive(archive_url).meta
+    _add(archive_url, meta, mosaic_url, tiles_url, name or f"{len(meta['mosaics']):04d}")
+    return archive_url
+
+
+@dataclass
+class Archive:
+    """An opened, provenance-checked archive."""
+
+    url: str
+    meta: dict[str, Any]
+    tiles: gpd.GeoDataFrame
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Model and preprocessing shared by everything in the archive."""
+        return self.meta["provenance"]
+
+    @property
+    def names(self) -> list[str]:
+        """Mosaic names, in the order they were added."""
+        return list(self.meta["mosaics"])
+
+    def mosaic(self, name: str | None = None) -> xr.Dataset:
+        """The stored mosaic ``name`` (default: the first), lazily."""
+        name = name or self.names[0]
+        if name not in self.names:
+            raise KeyError(f"{self.url} has no mosaic {name!r} (has {self.names})")
+        return open_mosaic(join_url(self.url, "mosaics", f"{name}.zarr"))
+
+    def embeddings(self, name: str | None = None) -> xr.DataArray:
+        """Dequantised float32 ``(band, y, x)`` embeddings of mosaic ``name``, with CRS, lazily."""
+        ds = self.mosaic(name)
+        emb = dequantize(ds).assign_coords(spatial_ref=ds["spatial_ref"])
+        return emb.rio.write_crs(ds.rio.crs).rio.write_transform(ds.rio.transform())
+
+
+def open_archive(archive_url: str, expect: dict[str, Any] | None = None) -> Archive:
+    """Open an archive, checking that its table and mosaics (and ``expect``, if given) share one provenance."""
+    meta = _read_json(join_url(archive_url, "archive.json"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{archive_url} is not a {FORMAT} (format {meta.get('format')!r})")
+    if expect is not None:
+        check_provenance(meta["provenance"], expect, what="the expected provenance", against=archive_url)
+    tiles = gpd.read_parquet(join_url(archive_url, "tiles.parquet"))
+    for model, sha, pre in tiles[["model", "checkpoint_sha256", "preprocessing"]].drop_duplicates().itertuples(False):
+        row = {"checkpoint_sha256": sha, "preprocessing": json.loads(pre), "model": model}
+        check_provenance(meta["provenance"], row, what=f"{archive_url}/tiles.parquet", against="archive.json")
+    archive = Archive(archive_url, meta, tiles)
+    for name in archive.names:
+        prov = archive.mosaic(name).attrs.get("provenance", {})
+        check_provenance(meta["provenance"], prov, what=f"mosaic {name!r}", against=f"{archive_url}/archive.json")
+    return archive

@@ -1,0 +1,207 @@
+"""Cloud-Optimised GeoTIFFs from (Dask-backed) mosaics, without loading them whole.
+
+Three steps, each with bounded memory: the Dask blocks are computed in batches (any scheduler, ``distributed``
+included) and written into a tiled intermediate GeoTIFF next to the output; GDAL builds the overview pyramid in
+it; GDAL copies it into COG layout (``COPY_SRC_OVERVIEWS``). Validity is checked with
+``rio_cogeo.cogeo.cog_validate`` (:func:`cog_info`). Up to 4 bands are pixel-interleaved, more are band-interleaved
+so that reading one band of an embedding COG decompresses only that band.
+
+Size: model outputs are float32 and compress little; DEFLATE + floating-point predictor saves about a quarter,
+which the overviews (+1/3) eat again. Measured on 64- and 256-channel embeddings of a real S2 chip: COG = 1.0x the
+raw float32 size (``4 B x channels x pixels``), Zarr mosaic (zstd) 0.85x, int8 archive 0.25x. So a 768-channel
+embedding mosaic of 100 km x 100 km at 10 m (1e8 pixels) is about 300 GB as a COG: write embedding COGs for small
+areas or a few ``bands``, and keep the Zarr mosaic or the int8 archive as the bulk format. Files over 4 GB are
+written as BigTIFF.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import dask
+import dask.array as da
+import fsspec
+import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from affine import Affine
+from fsspec.implementations.local import LocalFileSystem
+from rasterio.enums import Resampling
+from rasterio.shutil import copy as rio_copy
+from rasterio.windows import Window
+
+from pipeline.mosaic.stitch import CLASS_NODATA, MOSAIC_VAR, open_mosaic
+
+log = logging.getLogger(__name__)
+
+_GDAL_CACHE_MB = 256
+_BATCH_BYTES = 256 * 2**20  # computed blocks held before writing
+_PIXEL_INTERLEAVE_MAX_BANDS = 4  # beyond this, band interleave keeps a block at blocksize^2 x 4 B
+
+
+def dataarray_to_cog(
+    arr: xr.DataArray,
+    cog_path: str,
+    *,
+    descriptions: list[str] | None = None,
+    nodata: float | None = None,
+    resampling: str = "average",
+    tags: dict[str, str] | None = None,
+    blocksize: int = 512,
+) -> str:
+    """Write a georeferenced ``(band, y, x)`` or ``(y, x)`` DataArray (NumPy or Dask) as a COG with overviews.
+
+    Args:
+        arr: array with a CRS (``.rio.crs``) and regular x/y coordinates.
+        cog_path: local path or fsspec URL (non-local targets are written locally, then uploaded).
+        descriptions: band descriptions (default: the ``band`` coordinate, if any).
+        nodata: no-data value (default: NaN for floats, none for integers).
+        resampling: overview resampling (``average`` for continuous values, ``nearest``/``mode`` for classes).
+        tags: dataset metadata tags.
+        blocksize: COG block side.
+
+    Returns:
+        ``cog_path``.
+    """
+    if arr.ndim == 2:
+        arr = arr.expand_dims("band")
+    if arr.rio.crs is None:
+        raise ValueError("cannot write a COG without a CRS (open mosaics with decode_coords='all')")
+    if descriptions is None:
+        descriptions = [str(b) for b in arr["band"].values] if "band" in arr.coords else None
+    float_data = np.issubdtype(arr.dtype, np.floating)
+    nodata = (np.nan if float_data else None) if nodata is None else nodata
+    count = arr.shape[0]
+    interleave = "PIXEL" if count <= _PIXEL_INTERLEAVE_MAX_BANDS else "BAND"
+    predictor = 3 if float_data else 2
+    fs, path = fsspec.core.url_to_fs(cog_path)
+    local = isinstance(fs, LocalFileSystem)
+    work_dir = os.path.dirname(os.path.abspath(path)) if local else None
+    if work_dir:
+        os.makedirs(work_dir, exist_ok=True)
+    env = rasterio.Env(
+        GDAL_CACHEMAX=_GDAL_CACHE_MB, GDAL_NUM_THREADS="ALL_CPUS", GDAL_TIFF_OVR_BLOCKSIZE=str(blocksize),
+        COMPRESS_OVERVIEW="DEFLATE", PREDICTOR_OVERVIEW=str(predictor), INTERLEAVE_OVERVIEW=interleave,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".cog-") as tmp, env:
+        raw = os.path.join(tmp, "raw.tif")
+        _write_raw(arr, raw, blocksize=blocksize, nodata=nodata, descriptions=descriptions, tags=tags or {})
+        with rasterio.open(raw, "r+") as dst:
+            dst.build_overviews(overview_factors(arr.shape[1], arr.shape[2], blocksize), Resampling[resampling])
+            dst.update_tags(ns="rio_overview", resampling=resampling)
+        target = path if local else os.path.join(tmp, "out.tif")
+        # the classic COG recipe: GTiff CreateCopy with COPY_SRC_OVERVIEWS puts IFDs and overviews before the
+        # full-resolution data; unlike GDAL 3.10's COG driver it honours INTERLEAVE=BAND
+        rio_copy(
+            raw, target, driver="GTiff", COPY_SRC_OVERVIEWS="YES", TILED="YES", BLOCKXSIZE=blocksize,
+            BLOCKYSIZE=blocksize, COMPRESS="DEFLATE", PREDICTOR=predictor, INTERLEAVE=interleave,
+            BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+        )  # fmt: skip
+        if not local:
+            fs.put_file(target, path)
+    size = fs.size(path)
+    log.info("wrote COG %s: %d band(s), %.1f MB", cog_path, count, size / 2**20)
+    return cog_path
+
+
+def overview_factors(height: int, width: int, blocksize: int) -> list[int]:
+    """Decimation factors 2, 4, ... until the coarsest overview fits in one block."""
+    factors, f = [], 2
+    while max(height, width) / (f // 2) > blocksize:
+        factors.append(f)
+        f *= 2
+    return factors
+
+
+def _grid_transform(arr: xr.DataArray) -> Affine:
+    """The grid's exact transform: the stored GeoTransform if it agrees with the coordinates, else recomputed.
+
+    (Recomputing it from float pixel-centre coordinates is off by ~1e-14.)
+    """
+    cached, recalc = arr.rio.transform(), arr.rio.transform(recalc=True)
+    return cached if cached.almost_equals(recalc, precision=1e-6 * abs(recalc.a)) else recalc
+
+
+def _write_raw(
+    arr: xr.DataArray, raw: str, *, blocksize: int, nodata: float | None, descriptions: list[str] | None, tags: dict
+) -> None:
+    """Stream a ``(band, y, x)`` array block by block into a tiled, band-interleaved GeoTIFF.
+
+    Blocks are computed in batches with ``dask.compute`` (any scheduler, including ``distributed``) and written
+    here, so only one batch (at most ``_BATCH_BYTES``) is in memory at a time.
+    """
+    count, height, width = arr.shape
+    data = arr.data if isinstance(arr.data, da.Array) else da.from_array(arr.data)
+    data = data.rechunk((1 if count > _PIXEL_INTERLEAVE_MAX_BANDS else count, blocksize, blocksize))
+    block_bytes = data.dtype.itemsize * data.chunksize[0] * blocksize * blocksize
+    per_batch = max(1, _BATCH_BYTES // block_bytes)
+    starts = [np.cumsum((0, *c))[:-1] for c in data.chunks]
+    keys = list(np.ndindex(*data.numblocks))
+    with rasterio.open(
+        raw, "w", driver="GTiff", width=width, height=height, count=count, dtype=data.dtype, crs=arr.rio.crs,
+        transform=_grid_transform(arr), nodata=nodata, tiled=True, blockxsize=blocksize, blockysize=blocksize,
+        interleave="pixel" if data.chunksize[0] == count else "band", compress="ZSTD", BIGTIFF="IF_SAFER",
+    ) as dst:  # fmt: skip
+        for i, text in enumerate(descriptions or []):
+            dst.set_band_description(i + 1, text)
+        dst.update_tags(**tags)
+        for b in range(0, len(keys), per_batch):
+            batch = keys[b : b + per_batch]
+            for key, block in zip(batch, dask.compute(*(data.blocks[k] for k in batch))):
+                b0, r0, c0 = (int(starts[d][k]) for d, k in enumerate(key))
+                window = Window(c0, r0, block.shape[2], block.shape[1])
+                dst.write(block, indexes=list(range(b0 + 1, b0 + block.shape[0] + 1)), window=window)
+
+
+def write_cog(
+    mosaic_url: str, cog_path: str, bands: list[str] | None = None, *, variable: str | None = None, blocksize: int = 512
+) -> str:
+    """Write (bands of) a mosaic as a COG: right CRS, transform, nodata, band descriptions = channel names.
+
+    Args:
+        mosaic_url: a ``mosaic.zarr`` from :func:`pipeline.mosaic.stitch.stitch_tiles`.
+        cog_path: output path or fsspec URL.
+        bands: channel names to write (default: all).
+        variable: ``data`` (default) or ``classes`` (the uint8 class map of segmentation / change mosaics,
+            nodata 255, mode overviews).
+        blocksize: COG block side (overviews are built down to about one block).
+
+    Returns:
+        ``cog_path``.
+    """
+    ds = open_mosaic(mosaic_url)
+    variable = variable or MOSAIC_VAR
+    if variable not in ds:
+        raise KeyError(f"{mosaic_url} has no variable {variable!r} (has {sorted(ds.data_vars)})")
+    arr = ds[variable]
+    tags = {"kind": str(ds.attrs.get("kind", "")), "provenance": json.dumps(ds.attrs.get("provenance", {}))}
+    if variable == "classes":
+        return dataarray_to_cog(
+            arr, cog_path, descriptions=["classes"], nodata=CLASS_NODATA, resampling="mode", tags=tags,
+            blocksize=blocksize,
+        )  # fmt: skip
+    if bands is not None:
+        unknown = sorted(set(bands) - {str(b) for b in arr["band"].values})
+        if unknown:
+            raise KeyError(f"bands {unknown} not in {mosaic_url} (channels {list(map(str, arr['band'].values))})")
+        arr = arr.sel(band=list(bands))
+    return dataarray_to_cog(arr, cog_path, resampling="average", tags=tags, blocksize=blocksize)
+
+
+def cog_info(cog_path: str | Path) -> dict:
+    """Validity (``rio_cogeo.cogeo.cog_validate``) and the main properties of a COG, for tests and logs."""
+    from rio_cogeo.cogeo import cog_validate
+
+    is_valid, errors, warnings = cog_validate(str(cog_path), quiet=True)
+    with rasterio.open(cog_path) as src:
+        return {
+            "valid": is_valid, "errors": errors, "warnings": warnings, "crs": src.crs, "transform": src.transform,
+            "nodata": src.nodata, "descriptions": list(src.descriptions), "count": src.count, "dtype": src.dtypes[0],
+            "overviews": src.overviews(1), "interleave": src.interleaving, "compression": src.compression,
+            "tags": src.tags(), "size": os.path.getsize(cog_path),
+        }  # fmt: skip

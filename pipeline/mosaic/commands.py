@@ -1,0 +1,114 @@
+"""``skypipe mosaic ...`` and ``skypipe archive ...``: thin wrappers over :mod:`pipeline.mosaic`.
+
+The library modules are imported inside the handlers so that ``skypipe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``mosaic`` and ``archive`` command groups."""
+    p = subparsers.add_parser("mosaic", help="stitch tiles into a mosaic; write COGs and quicklooks")
+    sub = p.add_subparsers(dest="mosaic_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+    s = sub.add_parser("stitch", help="blend the done tiles of a tiles.zarr into a Zarr mosaic")
+    s.add_argument("tiles", help="tile store (JOB/tiles.zarr), local path or fsspec URL")
+    s.add_argument("--out", required=True, help="output mosaic.zarr")
+    s.add_argument("--chunks", type=int, default=512, help="output block side in pixels (default: %(default)s)")
+    s.add_argument("--no-blend", action="store_true", help="plain average of overlaps instead of a cosine taper")
+    s.set_defaults(func=_stitch)
+
+    s = sub.add_parser("cog", help="write (bands of) a mosaic as a Cloud-Optimised GeoTIFF")
+    s.add_argument("mosaic")
+    s.add_argument("--out", required=True, help="output .tif")
+    s.add_argument("--bands", help="comma-separated channel names (default: all)")
+    s.add_argument("--classes", action="store_true", help="write the uint8 class map (segmentation / change)")
+    s.set_defaults(func=_cog)
+
+    s = sub.add_parser("quicklook", help="PNG quicklook (PCA RGB, class palette or similarity ramp)")
+    s.add_argument("mosaic", help="mosaic.zarr or a single-band GeoTIFF")
+    s.add_argument("--out", required=True, help="output .png")
+    s.add_argument("--kind", choices=["embeddings", "segmentation", "change", "similarity"])
+    s.add_argument("--max-size", type=int, default=1024, help="long side in pixels (default: %(default)s)")
+    s.set_defaults(func=_quicklook)
+
+    a = subparsers.add_parser("archive", help="embedding archives: build, append, query")
+    asub = a.add_subparsers(dest="archive_command", metavar="SUBCOMMAND")
+    a.set_defaults(func=lambda args: a.print_help() or 2)
+
+    s = asub.add_parser("build", help="create an archive from an embedding mosaic and its tile store")
+    s.add_argument("mosaic")
+    s.add_argument("tiles")
+    s.add_argument("--out", required=True, help="archive folder (replaced if it exists)")
+    s.add_argument("--float", action="store_true", help="store float32 instead of int8")
+    s.set_defaults(func=_build)
+
+    s = asub.add_parser("append", help="add a mosaic of the same model and preprocessing to an archive")
+    s.add_argument("archive")
+    s.add_argument("mosaic")
+    s.add_argument("tiles")
+    s.add_argument("--name", help="mosaic name inside the archive (default: the next number)")
+    s.set_defaults(func=_append)
+
+    s = asub.add_parser("query", help="cosine-similarity map (COG + PNG) to a query point or vector")
+    s.add_argument("archive")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--lonlat", nargs=2, type=float, metavar=("LON", "LAT"), help="query point in degrees")
+    q.add_argument("--xy", nargs=2, type=float, metavar=("X", "Y"), help="query point in the mosaic CRS")
+    q.add_argument("--vector", metavar="FILE.npy", help="query embedding, shape (C,)")
+    s.add_argument("--mosaic", help="only this mosaic of the archive (default: all)")
+    s.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.tif and PREFIX.png")
+    s.set_defaults(func=_query)
+
+
+def _stitch(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.stitch import stitch_tiles
+
+    print(stitch_tiles(args.tiles, args.out, args.chunks, blend=not args.no_blend))
+    return 0
+
+
+def _cog(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.cog import write_cog
+
+    bands = args.bands.split(",") if args.bands else None
+    print(write_cog(args.mosaic, args.out, bands, variable="classes" if args.classes else None))
+    return 0
+
+
+def _quicklook(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.quicklook import quicklook
+
+    print(quicklook(args.mosaic, args.out, args.kind, max_size=args.max_size))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.archive import build_archive
+
+    print(build_archive(args.mosaic, args.tiles, args.out, quantize=not args.float))
+    return 0
+
+
+def _append(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.archive import append_to_archive
+
+    print(append_to_archive(args.archive, args.mosaic, args.tiles, name=args.name))
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipeline.mosaic.query import query_archive
+
+    vector = np.load(args.vector) if args.vector else None
+    paths = query_archive(
+        args.archive, args.out, lonlat=args.lonlat and tuple(args.lonlat), xy=args.xy and tuple(args.xy),
+        vector=vector, mosaic=args.mosaic,
+    )  # fmt: skip
+    print("\n".join(paths))
+    return 0
