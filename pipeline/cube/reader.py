@@ -1,0 +1,224 @@
+"""Reading STAC assets onto a cube grid: the one place that knows about odc-stac.
+
+Why odc-stac and not stackstac (see ``shared/reference/stack-notes.md``): stackstac 0.5.1 accepts only one asset
+per band, while local GeoTIFF catalogs (eo-learn's 13-band scenes, Sen1Floods11 chips) have multi-band assets;
+it reads only ``proj:epsg``, which pystac 1.15 rewrites to ``proj:code`` when items come from a STAC API; and it
+neither reproduces the exact native grid by default nor writes a ``spatial_ref`` coordinate. odc-stac 0.5 handles
+``proj:code``, multi-band assets (``asset.N``), an explicit :class:`~odc.geo.geobox.GeoBox` and per-band
+resampling out of the box. Swapping the engine means rewriting :func:`load_bands` only.
+
+:func:`check_assets` opens every asset header once before anything is read, so missing files (HTTP 404),
+unreadable headers and absent bands become per-item failures with the item id and href in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import dask.array as da
+import odc.stac
+import pystac
+import rasterio
+from odc.geo.geobox import GeoBox
+from rasterio.errors import NotGeoreferencedWarning, WindowError
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window, from_bounds
+
+log = logging.getLogger(__name__)
+
+# odc-loader warps into a bare numpy array and rasterio then warns that the destination "has no geotransform",
+# although dst_transform is given: harmless, silenced for rasterio.warp only.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.warp")
+
+GDAL_OPTIONS = {
+    # [stack-notes] one HEAD then ranged GETs for /vsicurl/; no sidecar probing.
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "3",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.jp2,.JP2,.vrt",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+}
+
+
+def split_band_ref(ref: str) -> tuple[str, int]:
+    """``"key.N"`` -> (``key``, N) for band N (1-based) of a multi-band asset; ``"key"`` -> (``key``, 1)."""
+    key, sep, idx = ref.rpartition(".")
+    if sep and idx.isdigit():
+        return key, int(idx)
+    return ref, 1
+
+
+def asset_href(item: pystac.Item, key: str) -> str:
+    """Absolute href of asset ``key`` of ``item``."""
+    return item.assets[key].get_absolute_href() or item.assets[key].href
+
+
+def gdal_path(href: str) -> str:
+    """A path rasterio opens: ``file://`` stripped, everything else as it is.
+
+    rasterio maps http(s) and s3 URLs to GDAL's ``/vsicurl/`` and ``/vsis3/``, as odc-stac's reads do.
+    """
+    if href.startswith("file://"):
+        return href[len("file://") :]
+    return href
+
+
+@dataclass(frozen=True)
+class AssetProblem:
+    """One asset of one item that cannot be used, with what to do about it."""
+
+    item: str
+    asset: str
+    href: str
+    error: str
+    hint: str
+
+    def message(self) -> str:
+        """One line naming the item, the asset and the remedy."""
+        return f"item {self.item!r} asset {self.asset!r} ({self.href}): {self.error.rstrip('.')}. {self.hint}"
+
+
+def _hint(error: str) -> str:
+    if "404" in error or "No such file" in error or "does not exist" in error:
+        return "The file is missing: re-index the catalog or fix the href; this item is skipped"
+    if "403" in error:
+        return "Access refused: the href is unsigned or its token expired (check the catalog's signing)"
+    if "not recognized" in error or "TIFF" in error or "corrupt" in error.lower() or "truncat" in error.lower():
+        return "The file looks truncated or corrupt: re-download it; this item is skipped"
+    return "This item is skipped; check the file and the catalog entry"
+
+
+def check_assets(
+    items: Sequence[pystac.Item],
+    band_refs: Sequence[str],
+    patch_url: Callable[[str], str] | None = None,
+    max_workers: int = 16,
+) -> tuple[list[AssetProblem], dict[str, str]]:
+    """Open the header of every asset the cube needs.
+
+    Returns:
+        The problems found (one per unusable asset) and the CRS of each readable item (``item id -> EPSG``),
+        used to report sources that will be reprojected.
+
+    """
+    keys = sorted({split_band_ref(r)[0] for r in band_refs})
+    max_band = {k: max(split_band_ref(r)[1] for r in band_refs if split_band_ref(r)[0] == k) for k in keys}
+    jobs = [(item, key) for item in items for key in keys]
+
+    def probe(job: tuple[pystac.Item, str]) -> tuple[str, str, AssetProblem | None]:
+        item, key = job
+        href = asset_href(item, key)
+        try:
+            path = gdal_path(patch_url(href) if patch_url else href)
+            with rasterio.Env(**GDAL_OPTIONS), rasterio.open(path) as src:
+                if src.count < max_band[key]:
+                    err = f"has {src.count} band(s) but band {max_band[key]} is requested"
+                    return item.id, "", AssetProblem(item.id, key, href, err, "Fix the band mapping in the catalog")
+                return item.id, str(src.crs), None
+        except Exception as exc:  # rasterio raises several types; all mean "unusable"
+            err = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return item.id, "", AssetProblem(item.id, key, href, err, _hint(err))
+
+    problems: list[AssetProblem] = []
+    crs_of: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
+        for item_id, crs, problem in pool.map(probe, jobs):
+            if problem is not None:
+                problems.append(problem)
+            elif crs:
+                crs_of.setdefault(item_id, crs)
+    return problems, crs_of
+
+
+def find_unreadable(
+    items: Sequence[pystac.Item],
+    band_refs: Sequence[str],
+    bounds: tuple[float, float, float, float],
+    crs: str,
+    patch_url: Callable[[str], str] | None = None,
+) -> list[AssetProblem]:
+    """Which assets fail to read inside ``bounds`` (in ``crs``): names the culprit after a failed chunk read.
+
+    GDAL's read errors often omit the file name ("Read failed. See previous exception"), so each asset of the
+    date's items is read again over the chunk's footprint, one at a time.
+    """
+    problems = []
+    for item in items:
+        for key in sorted({split_band_ref(r)[0] for r in band_refs}):
+            idx = sorted({split_band_ref(r)[1] for r in band_refs if split_band_ref(r)[0] == key})
+            href = asset_href(item, key)
+            try:
+                with (
+                    rasterio.Env(**GDAL_OPTIONS),
+                    rasterio.open(gdal_path(patch_url(href) if patch_url else href)) as src,
+                ):
+                    left, bottom, right, top = transform_bounds(crs, src.crs, *bounds, densify_pts=21)
+                    win = from_bounds(left, bottom, right, top, src.transform)
+                    win = win.intersection(Window(0, 0, src.width, src.height)).round_offsets().round_lengths()
+                    src.read(idx, window=win)
+            except WindowError:
+                continue  # no overlap with this chunk
+            except Exception as exc:
+                err = " ".join(str(exc).split()) or type(exc).__name__
+                hint = "Its pixel data cannot be read (truncated or corrupt file?): re-download it"
+                problems.append(AssetProblem(item.id, key, href, err, hint))
+    return problems
+
+
+def load_bands(
+    groups: Sequence[Sequence[pystac.Item]],
+    band_refs: Sequence[str],
+    geobox: GeoBox,
+    chunks: tuple[int, int],
+    resampling: Sequence[str],
+    nodata: float | None = None,
+    fail_on_error: bool = True,
+    patch_url: Callable[[str], str] | None = None,
+) -> tuple[list[da.Array], list[float | None]]:
+    """Lazily read assets onto ``geobox`` as raw source values, one time step per group of items.
+
+    With a known ``nodata`` the bands are read and warped in their own dtype (GDAL warps uint16 about twice as
+    fast as float32 with a NaN fill, and the chunk is half the size); without one they are read as float32 so
+    that pixels no item covers come back as NaN instead of a plausible 0.
+
+    Args:
+        groups: items per output time step (each non-empty); items of one group are mosaicked (first valid wins).
+        band_refs: asset references (``key`` or ``key.N``), one per output band.
+        geobox: the target grid; sources in other CRSs are reprojected onto it.
+        chunks: (y, x) chunk shape of the dask arrays.
+        resampling: GDAL resampling name per band (``bilinear`` for reflectance, ``nearest`` for classes).
+        nodata: source nodata overriding the items' ``raster:bands`` value.
+        fail_on_error: raise on unreadable data; ``False`` fills the failing reads with nodata instead.
+        patch_url: href rewriter applied at read time (re-signing tokens of signed catalogs).
+
+    Returns:
+        One (time, y, x) dask array per band, chunks (1, *chunks), and the fill value of each band (the source
+        nodata, or NaN) for :func:`pipeline.cube.writer.to_units` to turn into NaN. Bands are stacked per chunk
+        by the caller (a dask rechunk across bands would add a task layer per chunk for nothing).
+
+    """
+    flat = [item for group in groups for item in group]
+    group_of = [g for g, group in enumerate(groups) for _ in group]
+    unique_refs = list(dict.fromkeys(band_refs))
+    kwargs = {} if nodata is None else {"nodata": nodata}
+    with rasterio.Env(**GDAL_OPTIONS):  # odc-stac captures this environment into its read tasks
+        ds = odc.stac.load(
+            flat,
+            bands=unique_refs,
+            geobox=geobox,
+            groupby=lambda _item, _parsed, idx: group_of[idx],
+            resampling=dict(zip(band_refs, resampling)),
+            dtype=None if nodata is not None else "float32",
+            chunks={"time": 1, "y": chunks[0], "x": chunks[1]},
+            fail_on_error=fail_on_error,
+            patch_url=patch_url,
+            **kwargs,
+        )
+    if ds.sizes["time"] != len(groups):
+        raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time steps for {len(groups)} groups")
+    fills = [None if ds[r].attrs.get("nodata") is None else float(ds[r].attrs["nodata"]) for r in band_refs]
+    return [ds[r].data for r in band_refs], fills

@@ -1,0 +1,262 @@
+"""The job spec: one YAML file describes a whole job (catalog search -> cube -> inference), validated once here.
+
+Example (``jobs/cube-sen1floods11.yaml``)::
+
+    name: sen1floods11
+    region: [-0.7819, 38.0828, -0.7359, 38.1288]   # WGS84 lon/lat bbox, or a GeoJSON file
+    time: {start: 2019-09-17, end: 2019-09-18}
+    catalog: local                                 # a name in catalogs/ or a path to a catalog YAML
+    modalities: [s2, s1]
+    cube: {path: outputs/sen1floods11.zarr, chunks: {y: 256, x: 256}}
+
+Relative *input* paths (the region GeoJSON, a catalog YAML path) are resolved against the job file's folder, so a
+job folder can be moved as a whole; *output* paths (``cube.path``, ``output.path``) are kept as written (relative to
+the working directory) and may be fsspec URLs (``s3://...``, ``memory://...``), opened through fsspec / Zarr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.cube.grid import SENTINEL_GSDS, normalize_crs
+
+Modality = Literal["s2", "s1", "hr"]
+
+
+class JobSpecError(ValueError):
+    """An invalid job spec; the message names the file and each offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeRange(_Strict):
+    """Acquisition time range; bare dates cover whole days."""
+
+    start: datetime | date
+    end: datetime | date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeRange:
+        def as_dt(v: datetime | date) -> datetime:
+            return v.replace(tzinfo=None) if isinstance(v, datetime) else datetime(v.year, v.month, v.day)
+
+        if as_dt(self.start) > as_dt(self.end):
+            raise ValueError(f"start {self.start} is after end {self.end}")
+        return self
+
+
+class Chunks(_Strict):
+    """Zarr chunk shape in pixels of each modality's grid; one date per chunk."""
+
+    y: int = Field(512, gt=0, le=8192)
+    x: int = Field(512, gt=0, le=8192)
+    time: Literal[1] = 1
+
+
+class CubeSpec(_Strict):
+    """Where the Zarr cube goes (local path or fsspec URL) and how it is chunked."""
+
+    path: str = Field(min_length=1)
+    chunks: Chunks = Chunks()
+
+
+class OutputSpec(_Strict):
+    """What the inference stage writes."""
+
+    kind: Literal["embeddings", "segmentation", "change"] = "embeddings"
+    path: str | None = None
+
+
+class TileSpec(_Strict):
+    """Inference tiles in 10 m pixels; neighbouring tiles share ``overlap`` pixels."""
+
+    size: int = Field(256, gt=0)
+    overlap: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> TileSpec:
+        if 2 * self.overlap >= self.size:
+            raise ValueError(f"overlap {self.overlap} must be less than half the tile size {self.size}")
+        return self
+
+
+class JobSpec(_Strict):
+    """A whole job. Fields after ``cube`` are read by the inference stage and have defaults.
+
+    Attributes:
+        name: job name (default: the YAML file's stem).
+        region: WGS84 bbox ``[min lon, min lat, max lon, max lat]`` or a GeoJSON file path.
+        time: acquisition time range.
+        catalog: catalog name (``catalogs/<name>.yaml``) or path to a catalog YAML.
+        modalities: modalities to put in the cube (``s2``, ``s1``, ``hr``).
+        resolution: metres per modality; S2/S1 default 10 m, HR defaults to its native GSD snapped to
+            10 m / (4 * 2**n).
+        crs: target projected CRS (EPSG code or ``EPSG:xxxx``); default the UTM zone of the region centre.
+        max_cloud: keep scenes with at most this cloud cover (percent); ``None`` keeps all.
+        cube: cube path and chunking.
+        checkpoint: model checkpoint path or model name (inference).
+        output: what inference writes and where.
+        tiles: inference tile size and overlap.
+        batch_size: tiles per model call.
+        actors: inference actors (Ray).
+        gpus_per_actor: GPUs per actor (fractions allowed; 0 runs on CPU).
+
+    """
+
+    name: str | None = None
+    region: tuple[float, float, float, float] | str
+    time: TimeRange
+    catalog: str = Field(min_length=1)
+    modalities: list[Modality] = Field(min_length=1)
+    resolution: dict[Modality, float | None] = Field(default_factory=dict)
+    crs: str | None = None
+    max_cloud: float | None = Field(None, ge=0, le=100)
+    cube: CubeSpec
+    checkpoint: str | None = None
+    output: OutputSpec = OutputSpec()
+    tiles: TileSpec = TileSpec()
+    batch_size: int = Field(8, gt=0)
+    actors: int = Field(1, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: tuple[float, float, float, float] | str) -> tuple[float, float, float, float] | str:
+        if isinstance(v, str):
+            return v
+        minx, miny, maxx, maxy = v
+        if not all(math.isfinite(c) for c in v):
+            raise ValueError("bbox values must be finite numbers")
+        if not (-180 <= minx < maxx <= 180 and -90 <= miny < maxy <= 90):
+            raise ValueError(f"bbox {list(v)} must be [min lon, min lat, max lon, max lat] in degrees with min < max")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"modalities must not repeat, got {v}")
+        return v
+
+    @field_validator("crs", mode="before")
+    @classmethod
+    def _crs(cls, v: Any) -> str | None:
+        return None if v is None else normalize_crs(v)
+
+    @model_validator(mode="after")
+    def _resolutions(self) -> JobSpec:
+        for name, res in self.resolution.items():
+            if name not in self.modalities:
+                raise ValueError(f"resolution given for {name!r}, which is not in modalities {self.modalities}")
+            if res is None:
+                continue
+            if name == "hr" and not res > 0:
+                raise ValueError(f"resolution.hr must be positive, got {res}")
+            if name != "hr" and res not in SENTINEL_GSDS:
+                raise ValueError(f"resolution.{name} must be one of {list(SENTINEL_GSDS)} m, got {res}")
+        return self
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """The region's WGS84 bounding box (read from the GeoJSON file when the region is one)."""
+        if isinstance(self.region, str):
+            return geojson_bbox(self.region)
+        return self.region
+
+
+def geojson_bbox(path: str | os.PathLike[str]) -> tuple[float, float, float, float]:
+    """Bounding box of all coordinates in a GeoJSON file (Geometry, Feature or FeatureCollection, WGS84)."""
+    obj = json.loads(Path(path).read_text())
+    crs_name = ((obj.get("crs") or {}).get("properties") or {}).get("name", "")
+    if crs_name and not any(s in crs_name.upper() for s in ("CRS84", "4326")):
+        raise ValueError(f"{path}: GeoJSON CRS {crs_name!r} is not WGS84 lon/lat")
+    xs: list[float] = []
+    ys: list[float] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("features", "geometry", "geometries", "coordinates"):
+                if key in node:
+                    walk(node[key])
+        elif isinstance(node, list) and node and isinstance(node[0], (int, float)):
+            xs.append(float(node[0]))
+            ys.append(float(node[1]))
+        elif isinstance(node, list):
+            for n in node:
+                walk(n)
+
+    walk(obj)
+    if not xs:
+        raise ValueError(f"{path}: no coordinates found in the GeoJSON")
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.endswith((".yaml", ".yml", ".json", ".geojson")) or "/" in s or os.sep in s
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid job spec:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "union[", "tuple[")))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown field (not part of the job spec; check the spelling)")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  - {loc or '<top level>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_job(data: Any, source: str = "<job spec>", base_dir: str | os.PathLike[str] | None = None) -> JobSpec:
+    """Validate an already-parsed YAML mapping; relative input paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{source}: a job spec must be a YAML mapping, got {type(data).__name__}")
+    data = dict(data)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    for key in ("region", "catalog"):
+        value = data.get(key)
+        if isinstance(value, str) and _looks_like_path(value) and "://" not in value:
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else (base / path)
+            if not path.exists():
+                raise JobSpecError(f"{source}: {key}: file {value!r} not found (looked at {path})")
+            data[key] = str(path.resolve())
+    if not data.get("name"):
+        data["name"] = Path(source).stem if source != "<job spec>" else "job"
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobSpecError(_format_errors(source, err)) from None
+    if isinstance(job.region, str):
+        try:
+            geojson_bbox(job.region)
+        except (ValueError, OSError) as err:
+            raise JobSpecError(f"{source}: region: {err}") from None
+    return job
+
+
+def load_job(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a job YAML file; errors name the file, the field and what was wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise JobSpecError(f"job spec {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise JobSpecError(f"{path}:{where}: not valid YAML: {problem}") from None
+    return parse_job(data, source=str(path), base_dir=p.parent)
