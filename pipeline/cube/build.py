@@ -4,9 +4,10 @@
    asset header opened once), scale/offset per date; hashed into a fingerprint per modality;
 2. template (:mod:`pipeline.cube.layout`): coordinates, CRS, attributes and empty arrays, written once with
    ``to_zarr(compute=False)``; a cube already at ``url`` with the same fingerprints is resumed instead;
-3. chunks (:mod:`pipeline.cube.writer`): dask graphs of odc-stac reads, a batch of chunks at a time, each chunk
-   written whole and then recorded in the manifest (:mod:`pipeline.cube.manifest`), so memory stays bounded by the
-   batch and a killed build picks up where it stopped;
+3. chunks (:mod:`pipeline.cube.writer`): a thread pool reads (:mod:`pipeline.cube.chunk_reader`, odc-stac's pixels
+   from datasets kept open), converts and writes one chunk at a time per thread, each chunk written whole and then
+   recorded in the manifest (:mod:`pipeline.cube.manifest`), so memory stays at a chunk per thread and a killed
+   build picks up where it stopped;
 4. per-date valid fractions and chunk failures go into the group attributes; quicklooks beside the cube.
 """
 
@@ -93,8 +94,8 @@ def build_cube(
         chunks: (y, x) chunk shape in pixels of each modality's grid (one date per chunk).
         bands: band names per modality (default: the modality's bands in :mod:`pipeline.modalities`).
         overwrite: discard an existing cube built from a different plan instead of refusing.
-        workers: dask threads (default ``2 * cpu_count``, at least 4: reads wait on I/O).
-        batch_chunks: chunks computed per dask call (bounds memory; default ``2 * workers``).
+        workers: reader/writer threads (default ``2 * cpu_count``, at least 4: reads wait on I/O).
+        batch_chunks: at most this many consecutive chunks of a row per thread task (default ``2 * workers``).
         progress: show a tqdm bar over chunks.
         quicklooks: write PNG previews beside the cube when done.
         attrs: extra root attributes (job name, time range, ...).

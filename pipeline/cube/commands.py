@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="search the job's catalog and build (or resume) its Zarr cube")
     build.add_argument("job", help="job spec YAML (see jobs/cube-*.yaml)")
     build.add_argument("--overwrite", action="store_true", help="replace a cube built from a different plan")
-    build.add_argument("--workers", type=int, default=None, help="dask threads (default: 2 x CPU cores)")
+    build.add_argument("--workers", type=int, default=None, help="reader/writer threads (default: 2 x CPU cores)")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=_build)
 

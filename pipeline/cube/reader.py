@@ -1,11 +1,17 @@
-"""Reading STAC assets onto a cube grid: the one place that knows about odc-stac.
+"""Reading STAC assets onto a cube grid: asset checks, and odc-stac's reader as the reference for pixel values.
 
 Why odc-stac and not stackstac (see ``shared/reference/stack-notes.md``): stackstac 0.5.1 accepts only one asset
 per band, while local GeoTIFF catalogs (eo-learn's 13-band scenes, Sen1Floods11 chips) have multi-band assets;
 it reads only ``proj:epsg``, which pystac 1.15 rewrites to ``proj:code`` when items come from a STAC API; and it
 neither reproduces the exact native grid by default nor writes a ``spatial_ref`` coordinate. odc-stac 0.5 handles
 ``proj:code``, multi-band assets (``asset.N``), an explicit :class:`~odc.geo.geobox.GeoBox` and per-band
-resampling out of the box. Swapping the engine means rewriting :func:`load_bands` only.
+resampling out of the box.
+
+Builds do not call :func:`load_bands` any more: :mod:`pipeline.cube.chunk_reader` reads the same pixels (the same
+odc-stac metadata resolution and the same GDAL calls) with datasets kept open across chunks, which made the build's
+read path 3-4x faster (``benchmarks/RESULTS.md``: a dask graph per row of chunks, and every COG tile decoded again for
+every chunk and band, were most of odc-stac's cost). :func:`load_bands` stays as the reference the chunk reader is
+tested against (``tests/test_cube_reader_perf.py``) and as the "before" of ``benchmarks/bench_cube.py``.
 
 :func:`check_assets` opens every asset header once before anything is read, so missing files (HTTP 404),
 unreadable headers and absent bands become per-item failures with the item id and href in the message.
@@ -179,7 +185,9 @@ def load_bands(
     fail_on_error: bool = True,
     patch_url: Callable[[str], str] | None = None,
 ) -> tuple[list[da.Array], list[float | None]]:
-    """Lazily read assets onto ``geobox`` as raw source values, one time step per group of items.
+    """Lazily read assets onto ``geobox`` as raw source values, one time step per group of items, with odc-stac.
+
+    The reference for :class:`pipeline.cube.chunk_reader.ChunkReader`, which builds use (same values, faster).
 
     With a known ``nodata`` the bands are read and warped in their own dtype (GDAL warps uint16 about twice as
     fast as float32 with a NaN fill, and the chunk is half the size); without one they are read as float32 so

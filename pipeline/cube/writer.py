@@ -1,10 +1,13 @@
-"""Filling the cube template chunk by chunk: read (odc-stac via dask), convert to units, write, record.
+"""Filling the cube template chunk by chunk: read (:mod:`pipeline.cube.chunk_reader`), convert to units, write, record.
 
-Pending chunks are cut into row segments (consecutive chunks of one date and chunk row); each segment gets its own
-small lazy read over just its footprint, so the dask graph of one call stays proportional to the batch instead of
-the whole region (culling one huge graph per batch made large builds quadratic). Each chunk task converts raw
-values to the modality's units, writes data and mask into the template, and only then records itself in the
-manifest. A chunk whose read fails is retried alone; if it fails again its culprit is looked up
+Pending chunks are cut into row segments (consecutive chunks of one date and chunk row); a pool of ``workers``
+threads takes one segment at a time and reads, converts, writes and records its chunks in order, so memory stays at
+one chunk per thread and neighbouring chunks reuse the open datasets and decoded COG tiles of the previous one. The
+GIL is released while GDAL decodes and warps and while Blosc compresses, so threads overlap. Rows of different dates
+run side by side (segments ordered by block of ``workers`` dates, then row): threads then read different files, and
+the next row of a date picks up the dataset (and the tiles it shares with the row above) the previous row used.
+Each chunk is recorded in the manifest only after its data and mask are written. A chunk whose read fails is
+retried once (with freshly opened datasets); if it fails again its culprit is looked up
 (:func:`pipeline.cube.reader.find_unreadable`), recorded as failed, and the chunk is re-read skipping the failing
 reads, so those pixels become nodata (invalid) and the rest is kept.
 """
@@ -14,16 +17,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
-import dask
 import numpy as np
+import rasterio
 from tqdm.auto import tqdm
 
 from pipeline.cube import layout
+from pipeline.cube.chunk_reader import ChunkReader, DatasetPool
 from pipeline.cube.manifest import ChunkIndex, ChunkManifest
 from pipeline.cube.plan import ModalityPlan
-from pipeline.cube.reader import find_unreadable, load_bands
+from pipeline.cube.reader import GDAL_OPTIONS, find_unreadable, split_band_ref
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +78,78 @@ class ChunkWriter:
         self.data_arr, self.valid_arr = layout.open_arrays(url, plan.name, plan.chunks)
         self._lock = threading.Lock()
         self.done: set[ChunkIndex] = set()
+        self.pool: DatasetPool | None = None
+        self.reader: ChunkReader | None = None
 
-    def tasks(self, seg: Segment, fail_on_error: bool = True, failure: dict | None = None) -> list[Any]:
-        """One delayed write per chunk of ``seg``, reading only the segment's footprint."""
+    def run(self, pending: list[ChunkIndex], batch: int, workers: int) -> None:
+        """Write every pending chunk with ``workers`` threads, a segment of at most ``batch`` chunks per task."""
+        if not pending:
+            return
         p = self.plan
+        n_assets = len({split_band_ref(r)[0] for r in p.refs})
+        self.pool = DatasetPool(p.patch_url, max_idle=max(64, 2 * workers * n_assets))
+        self.reader = ChunkReader(p.geobox, p.chunks[1:], p.groups, p.refs, p.resampling, p.nodata, self.pool)
+        seg_len = max(1, min(batch, -(-len(pending) // workers)))  # enough segments to keep every thread busy
+        todo = sorted(segments(pending, seg_len), key=lambda s: (s[0] // workers, s[1], s[0], s[2][0]))
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cube-chunk")
+        try:
+            for future in [executor.submit(self._segment, seg) for seg in todo]:
+                future.result()
+        except BaseException:
+            executor.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            executor.shutdown(wait=True)
+            self.pool.close()
+
+    def _segment(self, seg: Segment) -> None:
         t, iy, xs = seg
-        write = dask.delayed(self.write, pure=False)
-        if not p.groups[t]:
-            return [write(None, (t, iy, ix), failure) for ix in xs]
-        (_, cy, cx), (h, w) = p.chunks, p.geobox.shape
-        footprint = p.geobox[iy * cy : min((iy + 1) * cy, h), xs[0] * cx : min((xs[-1] + 1) * cx, w)]
-        bands, fills = load_bands(
-            [p.groups[t]], p.refs, footprint, (cy, cx), p.resampling, p.nodata, fail_on_error, patch_url=p.patch_url
-        )
-        blocks = [b.to_delayed().ravel() for b in bands]  # per band: len(xs) blocks of (1, cy, cx)
-        return [write(list(per_band), (t, iy, ix), failure, fills) for per_band, ix in zip(zip(*blocks), xs)]
+        with rasterio.Env(**GDAL_OPTIONS):
+            for ix in xs:
+                self._chunk((t, iy, ix))
+
+    def _chunk(self, index: ChunkIndex) -> None:
+        t, iy, ix = index
+        assert self.reader is not None
+        if not self.plan.groups[t]:
+            self.write(None, index, None)
+            return
+        failure = None
+        try:
+            bands, fills = self.reader.read(t, iy, ix)
+        except Exception:  # a transient error, or an expired signature: the failing dataset was closed, reopen
+            try:
+                bands, fills = self.reader.read(t, iy, ix)
+            except Exception as exc:
+                failure = self._failure(index, exc)
+                bands, fills = self.reader.read(t, iy, ix, fail_on_error=False)
+        self.write(bands, index, failure, fills)
+
+    def _failure(self, index: ChunkIndex, exc: Exception) -> dict:
+        """Name the unreadable assets of a chunk that failed twice; log them and return the failure record."""
+        p, t = self.plan, index[0]
+        error = " ".join(str(exc).split()) or type(exc).__name__
+        region = layout.chunk_region(index, (len(p.dates), *p.geobox.shape), p.chunks)
+        bounds = tuple(p.geobox[region[1], region[2]].boundingbox)
+        culprits = find_unreadable(p.groups[t], p.refs, bounds, str(p.geobox.crs), p.patch_url)
+        for c in culprits or [None]:
+            log.warning(
+                "%s: chunk %s (date %s) could not be read: %s; the unreadable pixels are marked invalid",
+                p.name,
+                index,
+                str(p.dates[t])[:19],
+                c.message() if c else error,
+            )
+        return {
+            "error": error,
+            "items": sorted({c.item for c in culprits}) or [it.id for it in p.groups[t]],
+            "problems": [c.message() for c in culprits],
+        }
 
     def write(
         self, bands: list[np.ndarray] | None, index: ChunkIndex, failure: dict | None, fills: list[float | None] = ()
     ) -> None:
-        """Stack the band blocks, convert, write and record one chunk (runs inside a dask task)."""
+        """Stack the band blocks, convert, write and record one chunk."""
         t = index[0]
         if bands is None:
             status, record = "empty", {"reason": "no usable item for this date", "items": self.plan.item_ids[t]}
@@ -108,50 +164,3 @@ class ChunkWriter:
         with self._lock:
             self.done.add(index)
             self.bar.update(1)
-
-    def run(self, pending: list[ChunkIndex], batch: int, workers: int) -> None:
-        """Write every pending chunk, ``batch`` chunks per dask call (this bounds memory)."""
-        todo: list[Segment] = []
-        for seg in [*segments(pending, batch), None]:
-            if seg is not None and sum(len(s[2]) for s in todo) + len(seg[2]) <= batch:
-                todo.append(seg)
-                continue
-            if todo:
-                self._compute(todo, workers)
-            todo = [seg] if seg is not None else []
-
-    def _compute(self, segs: list[Segment], workers: int) -> None:
-        try:
-            dask.compute(*[task for seg in segs for task in self.tasks(seg)], scheduler="threads", num_workers=workers)
-        except Exception:  # find the failing chunk(s): retry the unfinished ones one by one
-            for t, iy, xs in segs:
-                for ix in xs:
-                    if (t, iy, ix) not in self.done:
-                        self._run_one((t, iy, ix), workers)
-
-    def _run_one(self, index: ChunkIndex, workers: int) -> None:
-        t, iy, ix = index
-        try:
-            dask.compute(*self.tasks((t, iy, [ix])), scheduler="threads", num_workers=workers)
-            return
-        except Exception as exc:
-            error = " ".join(str(exc).split()) or type(exc).__name__
-        p = self.plan
-        region = layout.chunk_region(index, (len(p.dates), *p.geobox.shape), p.chunks)
-        bounds = tuple(p.geobox[region[1], region[2]].boundingbox)
-        culprits = find_unreadable(p.groups[t], p.refs, bounds, str(p.geobox.crs), p.patch_url)
-        for c in culprits or [None]:
-            log.warning(
-                "%s: chunk %s (date %s) could not be read: %s; the unreadable pixels are marked invalid",
-                p.name,
-                index,
-                str(p.dates[t])[:19],
-                c.message() if c else error,
-            )
-        record = {
-            "error": error,
-            "items": sorted({c.item for c in culprits}) or [it.id for it in p.groups[t]],
-            "problems": [c.message() for c in culprits],
-        }
-        failed = self.tasks((t, iy, [ix]), fail_on_error=False, failure=record)
-        dask.compute(*failed, scheduler="threads", num_workers=workers)
