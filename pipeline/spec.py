@@ -42,8 +42,9 @@ class _Strict(BaseModel):
 class TimeRange(_Strict):
     """Acquisition time range; bare dates cover whole days."""
 
-    start: datetime | date
-    end: datetime | date
+    # date first: a quoted "2019-09-17" must stay a whole day, not become midnight (an end would lose its day)
+    start: date | datetime
+    end: date | datetime
 
     @model_validator(mode="after")
     def _ordered(self) -> TimeRange:
@@ -71,10 +72,35 @@ class CubeSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """What the inference stage writes."""
+    """What the inference stage writes, into the folder ``path`` (default ``outputs/<job name>``).
+
+    Attributes:
+        kind: fused embeddings, class logits, or before/after change logits.
+        path: output folder (local path or fsspec URL): tiles, mosaic, COG, archive, quicklook.
+        num_classes: classes of a segmentation head the checkpoint does not carry (a seeded random head).
+        class_names: names of the output classes (default ``class_<i>``).
+        before, after: change detection periods; default: ``time`` split at its midpoint.
+
+    """
 
     kind: Literal["embeddings", "segmentation", "change"] = "embeddings"
     path: str | None = None
+    num_classes: int | None = Field(None, ge=2)
+    class_names: list[str] | None = None
+    before: TimeRange | None = None
+    after: TimeRange | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutputSpec:
+        if (self.before is None) != (self.after is None):
+            raise ValueError("give both before and after periods, or neither")
+        if self.before is not None and self.kind != "change":
+            raise ValueError(f"before/after periods are for kind 'change', not {self.kind!r}")
+        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
+        if self.kind == "embeddings" and (self.num_classes or self.class_names):
+            raise ValueError("num_classes / class_names are for segmentation or change outputs")
+        return self
 
 
 class TileSpec(_Strict):

@@ -1,0 +1,308 @@
+"""Per-batch inference: read tiles (prefetched in a thread), run the task model, write tiles and manifest records.
+
+:class:`TileProcessor` is the whole per-batch logic as a plain class (benchmarks and tests use it without Ray);
+:class:`InferenceWorker` is the thin Ray actor around it. One processor holds one task model, on the GPU when one
+is assigned and available (bf16 autocast), else on the CPU, always under ``torch.inference_mode``.
+
+Determinism: on the CPU every tile is run as its own forward pass (``micro_batch=1``), so a tile's output does not
+depend on which other tiles shared its batch, and a resumed job writes bit-identical tiles. On the GPU whole
+batches go through the model at once for throughput; outputs then vary with the batch composition at round-off
+level.
+
+Fault injection (tests, drills): ``faults={tile_id: mode}`` with mode ``exit`` (the worker process dies with
+``os._exit(1)`` whenever it is about to run that tile), ``exit-once`` (dies the first time only; a marker under
+``manifest/faults/`` remembers it across restarts) or ``raise`` (the tile raises an error). The runner fills it from
+the ``SKYPIPE_FAULT_TILES`` environment variable, e.g. ``SKYPIPE_FAULT_TILES="3:exit-once,7:exit"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import zarr
+
+from pipeline.infer.reader import CubeReader, Period, TileInputs
+from pipeline.infer.store import TileManifest, join, tiles_url, write_tile
+from pipeline.infer.task import load_task
+from pipeline.infer.tiling import Tile
+from pipeline.model.skysense import ModalityInput
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "SKYPIPE_FAULT_TILES"
+FAULT_MODES = ("exit", "exit-once", "raise")
+Work = Sequence[tuple[int, int]]  # (tile id, attempt number)
+
+
+def parse_faults(text: str | None) -> dict[int, str]:
+    """``"3:exit-once,7:exit,9:raise"`` -> ``{3: "exit-once", 7: "exit", 9: "raise"}``."""
+    faults: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        tile, _, mode = part.partition(":")
+        mode = mode or "exit"
+        if not tile.strip().isdigit() or mode not in FAULT_MODES:
+            raise ValueError(f"{FAULT_ENV}: bad entry {part!r}; expected TILE_ID:{'|'.join(FAULT_MODES)}")
+        faults[int(tile)] = mode
+    return faults
+
+
+def pick_device(gpus: float) -> torch.device:
+    """CUDA when a GPU share was requested and CUDA works, else CPU."""
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _stack(items: Sequence[TileInputs], period: int, device: torch.device) -> dict[str, ModalityInput]:
+    """Batch one period of several tiles: x (B, T, C, H, W), doy (B, T), valid (B, T, H, W)."""
+    out = {}
+    for name, first in items[0].periods[period].items():
+        arrs = [t.periods[period][name] for t in items]
+        x = torch.from_numpy(np.stack([a.x for a in arrs])).to(device, non_blocking=True)
+        valid = torch.from_numpy(np.stack([a.valid for a in arrs])).to(device, non_blocking=True)
+        doy = torch.from_numpy(np.stack([a.doy for a in arrs])).to(device)
+        out[name] = ModalityInput(x, doy=doy, valid=valid, gsd=first.gsd)
+    return out
+
+
+class TileProcessor:
+    """Reads, runs and writes batches of tiles of one job; usable without Ray.
+
+    Args:
+        cube_url: the Zarr cube.
+        output_url: the job output folder holding ``tiles.zarr`` (created by the runner) and ``manifest/``.
+        checkpoint: checkpoint path/URL or model name (see :mod:`pipeline.infer.task`).
+        kind: ``embeddings``, ``segmentation`` or ``change``.
+        modalities: modalities to feed the model.
+        periods: one (start, end) time range; two (before, after) for ``change``.
+        num_classes: classes of a segmentation head without a stored one.
+        class_names: names of those classes.
+        device: ``cpu``, ``cuda`` or a torch device.
+        micro_batch: tiles per forward pass (default: 1 on CPU, the whole batch on GPU).
+        faults: fault injection, see the module docstring.
+        worker: identity recorded in manifest records (host, pid, Ray node id).
+        cache_bytes: decoded-chunk cache of the reader.
+
+    """
+
+    def __init__(
+        self,
+        *,
+        cube_url: str,
+        output_url: str,
+        checkpoint: str | None,
+        kind: str,
+        modalities: Sequence[str],
+        periods: Sequence[Period],
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        micro_batch: int | None = None,
+        faults: Mapping[int, str] | None = None,
+        worker: Mapping[str, Any] | None = None,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.output_url = output_url
+        self.device = torch.device(device)
+        self.group = zarr.open_group(tiles_url(output_url), mode="r+", zarr_format=3)
+        self.tile_size = int(self.group.attrs["tile_size"])
+        self.origins = np.asarray(self.group["origin"][:])
+        self.task = load_task(checkpoint, kind, num_classes, class_names).to(self.device)
+        if kind == "change" and len(periods) != 2:
+            raise ValueError("change detection needs two periods (before, after)")
+        specs = {m: self.task.model.config.modality(m) for m in modalities}
+        self.reader = CubeReader(cube_url, specs, periods, cache_bytes=cache_bytes)
+        self.manifest = TileManifest(output_url)
+        self.micro_batch = micro_batch or (1 if self.device.type == "cpu" else 1 << 30)
+        self.faults = dict(faults or {})
+        self.worker = dict(worker or {"host": socket.gethostname(), "pid": os.getpid()})
+        self.stats = {"read_s": 0.0, "wait_s": 0.0, "compute_s": 0.0, "write_s": 0.0, "tiles": 0}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="skypipe-prefetch")
+        self._pending: tuple[tuple[int, ...], Future] | None = None
+
+    def tile(self, tile_id: int) -> Tile:
+        """The tile with store row ``tile_id``."""
+        row, col = (int(v) for v in self.origins[tile_id])
+        return Tile(tile_id, row, col, self.tile_size)
+
+    def _read(self, ids: tuple[int, ...]) -> list[TileInputs | BaseException]:
+        start = time.perf_counter()
+        out: list[TileInputs | BaseException] = []
+        for i in ids:
+            try:
+                out.append(self.reader.read(self.tile(i)))
+            except Exception as err:  # recorded per tile; the batch goes on
+                out.append(err)
+        self.stats["read_s"] += time.perf_counter() - start
+        return out
+
+    def prefetch(self, tile_ids: Sequence[int]) -> None:
+        """Start reading ``tile_ids`` in the prefetch thread (the next :meth:`process` call picks them up)."""
+        ids = tuple(int(i) for i in tile_ids)
+        if ids and (self._pending is None or self._pending[0] != ids):
+            self._pending = (ids, self._pool.submit(self._read, ids))
+
+    def _inputs(self, ids: tuple[int, ...]) -> list[TileInputs | BaseException]:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == ids:
+            start = time.perf_counter()
+            result = pending[1].result()
+            self.stats["wait_s"] += time.perf_counter() - start
+            return result
+        return self._read(ids)
+
+    def forward(self, items: Sequence[TileInputs]) -> np.ndarray:
+        """Model output (B, K, S, S) float32 for tiles with data."""
+        start = time.perf_counter()
+        on_gpu = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+            inputs = _stack(items, 0, self.device)
+            after = _stack(items, 1, self.device) if len(items[0].periods) > 1 else None
+            out = self.task(inputs, after)  # (B, K, Hg, Wg)
+        S = self.tile_size
+        if tuple(out.shape[-2:]) != (S, S):
+            raise RuntimeError(f"model output grid {tuple(out.shape[-2:])} is not the tile's {S} x {S} pixels")
+        result = out.float().cpu().numpy()
+        self.stats["compute_s"] += time.perf_counter() - start
+        return result
+
+    def _inject(self, tile_id: int) -> None:
+        mode = self.faults.get(tile_id)
+        if mode == "raise":
+            raise RuntimeError(f"injected fault on tile {tile_id} ({FAULT_ENV})")
+        if mode == "exit-once":
+            marker = join(self.output_url, "manifest", "faults", f"{tile_id}.fired")
+            fs, path = fsspec.core.url_to_fs(marker)
+            if fs.exists(path):
+                return
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            fs.pipe_file(path, b"1")
+        if mode in ("exit", "exit-once"):
+            log.error("injected fault: worker %s exits on tile %d", self.worker, tile_id)
+            os._exit(1)
+
+    def _record(self, tile_id: int, attempt: int, status: str, seconds: float, **extra: Any) -> dict[str, Any]:
+        return {
+            "tile_id": tile_id, "index": tile_id, "origin": [int(v) for v in self.origins[tile_id]],
+            "status": status, "error": None, "attempts": attempt, "seconds": round(seconds, 4),
+            "worker": self.worker, "finished_at": datetime.now(timezone.utc).isoformat(), **extra,
+        }  # fmt: skip
+
+    def _write(self, item: TileInputs, out_KSS: np.ndarray, attempt: int, seconds: float) -> dict[str, Any]:
+        start = time.perf_counter()
+        valid = item.valid
+        data = np.where(valid[None], out_KSS, np.nan).astype(np.float32)
+        pooled = out_KSS[:, valid].mean(axis=1).astype(np.float32)
+        write_tile(self.group, item.tile.id, data, valid.astype(np.uint8), pooled)
+        rec = self._record(item.tile.id, attempt, "done", seconds, valid_fraction=round(float(valid.mean()), 6))
+        self.manifest.write(rec)  # after the arrays: "done" means complete
+        self.stats["write_s"] += time.perf_counter() - start
+        return rec
+
+    def process(self, work: Work) -> list[dict[str, Any]]:
+        """Run a batch of ``(tile_id, attempt)``; returns one record per tile (``done``, ``skipped`` or ``error``).
+
+        ``done`` and ``skipped`` (no valid input pixel at all) are written to the manifest here; an ``error`` is
+        returned to the caller, which decides between a retry and recording the tile as failed.
+        """
+        start = time.perf_counter()
+        attempts = {int(t): int(a) for t, a in work}
+        ids = tuple(attempts)
+        results: dict[int, dict[str, Any]] = {}
+        todo: list[TileInputs] = []
+        for tile_id, item in zip(ids, self._inputs(ids)):
+            if isinstance(item, BaseException):
+                results[tile_id] = self._error(tile_id, attempts[tile_id], item, "read")
+            elif item.all_nodata:
+                rec = self._record(tile_id, attempts[tile_id], "skipped", 0.0, reason="all-nodata", valid_fraction=0)
+                self.manifest.write(rec)
+                results[tile_id] = rec
+            else:
+                todo.append(item)
+        for i in range(0, len(todo), self.micro_batch):
+            self._run_group(todo[i : i + self.micro_batch], attempts, results)
+        self.stats["tiles"] += len(ids)
+        log.debug("batch of %d tiles in %.2f s", len(ids), time.perf_counter() - start)
+        return [results[i] for i in ids]
+
+    def _run_group(self, group: list[TileInputs], attempts: dict[int, int], results: dict[int, dict]) -> None:
+        start = time.perf_counter()
+        try:
+            for item in group:
+                self._inject(item.tile.id)
+            out = self.forward(group)
+        except Exception as err:
+            if len(group) == 1:
+                results[group[0].tile.id] = self._error(group[0].tile.id, attempts[group[0].tile.id], err, "model")
+                return
+            for item in group:  # isolate the failing tile(s)
+                self._run_group([item], attempts, results)
+            return
+        share = (time.perf_counter() - start) / len(group)
+        for item, out_KSS in zip(group, out):
+            try:
+                results[item.tile.id] = self._write(item, out_KSS, attempts[item.tile.id], share)
+            except Exception as err:  # storage trouble: the driver retries the tile
+                results[item.tile.id] = self._error(item.tile.id, attempts[item.tile.id], err, "write")
+
+    def _error(self, tile_id: int, attempt: int, err: BaseException, stage: str) -> dict[str, Any]:
+        log.warning("tile %d: %s failed: %s: %s", tile_id, stage, type(err).__name__, err)
+        rec = self._record(tile_id, attempt, "error", 0.0)
+        rec["error"] = f"{stage}: {type(err).__name__}: {err}"
+        return rec
+
+    def run(self, batches: Iterable[Sequence[int]], attempt: int = 1) -> Iterator[list[dict[str, Any]]]:
+        """Process ``batches`` of tile ids in order, reading batch k+1 while batch k runs."""
+        it = iter(batches)
+        current = next(it, None)
+        while current is not None:
+            following = next(it, None)
+            if following is not None:
+                self.prefetch(following)
+            yield self.process([(t, attempt) for t in current])
+            current = following
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class InferenceWorker:
+    """Ray actor (wrapped with ``ray.remote`` by the runner) holding one :class:`TileProcessor`.
+
+    Args:
+        threads: torch intra-op threads (the actor's CPU share).
+        gpus: GPU share of the actor; > 0 runs on CUDA when available.
+        **kwargs: :class:`TileProcessor` arguments.
+
+    """
+
+    def __init__(self, *, threads: int | None = None, gpus: float = 0.0, **kwargs: Any) -> None:
+        import ray
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        worker = {"host": socket.gethostname(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        self.processor = TileProcessor(device=pick_device(gpus), worker=worker, **kwargs)
+
+    def ready(self) -> dict[str, Any]:
+        """Identity of this worker (also a liveness probe)."""
+        return {**self.processor.worker, "device": str(self.processor.device)}
+
+    def process(self, work: Work, next_work: Work | None = None) -> list[dict[str, Any]]:
+        """Process ``work``; start prefetching ``next_work`` (the batch the driver will send next) first."""
+        if next_work:
+            self.processor.prefetch([t for t, _ in next_work])
+        return self.processor.process(work)
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative read / wait / compute / write seconds."""
+        return dict(self.processor.stats)

@@ -1,0 +1,181 @@
+"""The driver's actor pool: a work queue of tile batches, per-tile attempts, dead-actor recovery, the wait loop.
+
+Each actor gets its next batch together with the batch after it (``reserved``), which it starts reading in its
+prefetch thread; an idle actor steals a batch another actor has only reserved. A batch whose actor died is requeued
+tile by tile, so one poisonous tile cannot use up the attempts of its neighbours; tiles whose manifest record says
+finished are never requeued. Ray restarts a dead actor up to ``max_restarts`` times (the pool waits for it to
+answer a liveness probe); after that the pool replaces it with a fresh actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipeline.infer.store import TileManifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """One actor of the pool and the work the driver has given it."""
+
+    handle: Any
+    work: list[tuple[int, int]] | None = None
+    reserved: list[tuple[int, int]] | None = None
+    ready: bool = False
+    deaths: int = 0
+    init_failures: int = 0
+
+
+class ActorPool:
+    """Actor pool: work queue, per-tile attempt accounting, dead-actor recovery, the ``ray.wait`` loop."""
+
+    def __init__(
+        self, make_actor: Any, n: int, *, manifest: TileManifest, base: dict[int, int], max_restarts: int,
+        max_attempts: int, bar: tqdm,
+    ) -> None:  # fmt: skip
+        self.make_actor, self.manifest, self.base, self.bar = make_actor, manifest, base, bar
+        self.max_restarts, self.max_attempts = max_restarts, max_attempts
+        self.queue: deque[list[int]] = deque()
+        self.tries: dict[int, int] = {}
+        self.failed: dict[int, str] = {}
+        self.nodes: set[str] = set()
+        self.calls: dict[Any, _Slot] = {}
+        self.probes: dict[Any, _Slot] = {}
+        self.slots = [_Slot(make_actor()) for _ in range(n)]
+        for slot in self.slots:
+            self._probe(slot)
+
+    def _probe(self, slot: _Slot) -> None:
+        slot.ready = False
+        self.probes[slot.handle.ready.remote()] = slot
+
+    def _work(self, ids: list[int]) -> list[tuple[int, int]]:
+        return [(t, self.base.get(t, 0) + self.tries.get(t, 0) + 1) for t in ids]
+
+    def _next(self, steal: bool = False) -> list[tuple[int, int]] | None:
+        if self.queue:
+            return self._work(self.queue.popleft())
+        for other in self.slots if steal else ():  # steal a batch another actor has only been prefetching
+            if other.reserved:
+                stolen, other.reserved = other.reserved, None
+                return stolen
+        return None
+
+    def _dispatch(self, slot: _Slot) -> None:
+        """Send ``slot`` its reserved batch (or the next one) plus the batch after it to prefetch."""
+        work, slot.reserved = slot.reserved, None
+        work = work or self._next(steal=True)
+        if work is None:
+            return
+        slot.work, slot.reserved = work, self._next()
+        self.calls[slot.handle.process.remote(work, slot.reserved)] = slot
+
+    def _fail(self, tile_id: int, error: str) -> None:
+        self.failed[tile_id] = error
+        self.bar.update(1)
+
+    def _retry(self, tile_id: int, error: str, front: bool = False) -> None:
+        self.tries[tile_id] = self.tries.get(tile_id, 0) + 1
+        if self.tries[tile_id] >= self.max_attempts:
+            self._fail(tile_id, error)
+        elif front:
+            self.queue.appendleft([tile_id])
+        else:
+            self.queue.append([tile_id])
+
+    def _on_death(self, slot: _Slot, err: BaseException) -> None:
+        """The actor died holding ``slot.work``: charge one attempt per unfinished tile, retry them one by one."""
+        log.warning("actor died while running tiles %s: %s", [t for t, _ in slot.work or []], first_line(err))
+        if slot.reserved:
+            self.queue.appendleft([t for t, _ in slot.reserved])
+        for tile_id, _ in reversed(slot.work or []):
+            rec = self.manifest.read(tile_id)
+            if rec is not None and rec.get("status") in ("done", "skipped"):
+                self.bar.update(1)  # finished before the actor died: never recomputed
+                continue
+            self._retry(tile_id, f"worker died while running this tile: {type(err).__name__}: {first_line(err)}",
+                        front=True)  # fmt: skip
+        slot.work = slot.reserved = None
+        slot.deaths += 1
+        if slot.deaths > self.max_restarts:
+            self._replace(slot)
+        else:
+            self._probe(slot)  # Ray restarts it (max_restarts); use it again once it answers
+
+    def _on_result(self, slot: _Slot, records: list[dict[str, Any]]) -> None:
+        slot.work = None
+        for rec in records:
+            if rec["status"] == "error":
+                self._retry(int(rec["tile_id"]), str(rec.get("error")))
+            else:
+                self.nodes.add(str((rec.get("worker") or {}).get("node_id", "")))
+                self.bar.update(1)
+        self.bar.set_postfix(failed=len(self.failed), refresh=False)
+
+    def _on_probe(self, slot: _Slot, ref: Any) -> None:
+        import ray
+
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+            time.sleep(0.5)
+            self._probe(slot)
+            return
+        except ray.exceptions.RayActorError as err:
+            slot.init_failures += 1
+            if slot.init_failures >= 2:
+                raise RuntimeError(f"inference actor could not start twice in a row: {err}") from None
+            log.warning("actor is dead or could not start (%s); replacing it", first_line(err))
+            self._replace(slot)
+            return
+        slot.ready, slot.init_failures = True, 0
+        log.debug("actor ready: %s", info)
+
+    def _replace(self, slot: _Slot) -> None:
+        import ray
+
+        ray.kill(slot.handle, no_restart=True)
+        slot.handle, slot.deaths = self.make_actor(), 0
+        self._probe(slot)
+
+    def run(self) -> None:
+        """Until every queued tile is finished or failed."""
+        import ray
+
+        while self.queue or self.calls or self.probes or any(s.reserved for s in self.slots):
+            ready, _ = ray.wait([*self.calls, *self.probes], num_returns=1, timeout=5.0)
+            for ref in ready:
+                if ref in self.probes:
+                    self._on_probe(self.probes.pop(ref), ref)
+                    continue
+                slot = self.calls.pop(ref)
+                try:
+                    self._on_result(slot, ray.get(ref))
+                except ray.exceptions.RayActorError as err:
+                    self._on_death(slot, err)
+                except ray.exceptions.RayTaskError as err:  # a bug outside the per-tile error handling
+                    self._on_result(slot, [{"tile_id": t, "status": "error", "error": first_line(err)}
+                                           for t, _ in slot.work or []])  # fmt: skip
+            for slot in self.slots:
+                if slot.ready and slot.work is None:
+                    self._dispatch(slot)
+
+    def shutdown(self) -> None:
+        """Kill every actor."""
+        import ray
+
+        for slot in self.slots:
+            ray.kill(slot.handle, no_restart=True)
+
+
+def first_line(err: BaseException) -> str:
+    """First line of an error message, at most 300 characters."""
+    return (str(err).strip().splitlines() or [""])[0][:300]

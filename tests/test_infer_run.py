@@ -1,0 +1,69 @@
+"""The orchestrator's pure parts: output layout, change periods, cube state, status of a job (no Ray)."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pytest
+from infer_fixtures import write_cube, write_job
+
+from pipeline.run import cube_state, format_status, job_periods, job_status, output_paths
+from pipeline.spec import load_job
+
+
+def test_paths_and_periods(tmp_path: Path) -> None:
+    job = load_job(write_job(tmp_path / "job.yaml", "cube.zarr", str(tmp_path / "out"), "skysense_v2_tiny"))
+    paths = output_paths(job)
+    assert paths["tiles"] == f"{tmp_path}/out/tiles.zarr" and paths["archive"].endswith("out/archive")
+    assert job_periods(job) == [(date(2015, 7, 1), date(2015, 9, 30))]
+    change = load_job(write_job(tmp_path / "c.yaml", "cube.zarr", "out", "m", output={"kind": "change", "path": "out"}))
+    before, after = job_periods(change)
+    assert before == (date(2015, 7, 1), date(2015, 8, 15)) and after == (date(2015, 8, 16), date(2015, 9, 30))
+    assert "classes_cog" in output_paths(change) and "archive" not in output_paths(change)
+
+
+def test_cube_state_and_status(tmp_path: Path) -> None:
+    assert cube_state(str(tmp_path / "none.zarr"), ["s2"]) == "missing"
+    cube = write_cube(tmp_path / "cube.zarr", size=(32, 32))
+    assert cube_state(cube, ["s2"]) == "complete"  # no build manifest: made by other means, nothing to resume
+    assert cube_state(cube, ["s2", "s1"]) == "incomplete"
+    (tmp_path / "cube.zarr.manifest").mkdir()
+    assert cube_state(cube, ["s2"]) == "complete"  # the group was finalised (valid_fraction)
+    job = load_job(write_job(tmp_path / "job.yaml", cube, str(tmp_path / "out"), "skysense_v2_tiny"))
+    status = job_status(job)
+    assert status["cube"]["state"] == "complete" and not status["tiles"]["present"]
+    text = format_status(status)
+    assert "tiles      none yet" in text and "mosaic     missing" in text
+
+
+@pytest.mark.parametrize("kind", ["embeddings", "segmentation"])
+def test_status_counts_tiles(tmp_path: Path, kind: str) -> None:
+    from pipeline.infer.runner import prepare_store
+    from pipeline.infer.store import TileManifest
+
+    cube = write_cube(tmp_path / "cube.zarr", size=(32, 32))
+    job = load_job(write_job(tmp_path / "job.yaml", cube, str(tmp_path / "out"), "skysense_v2_tiny"))
+    plan = prepare_store(cube_url=cube, output_url=str(tmp_path / "out"), checkpoint="skysense_v2_tiny", kind=kind,
+                         modalities=["s2"], periods=job_periods(job), tile_size=24, overlap=4,
+                         num_classes=2)  # fmt: skip
+    manifest = TileManifest(str(tmp_path / "out"))
+    manifest.write({"tile_id": 0, "status": "done"})
+    manifest.write({"tile_id": 1, "status": "failed", "error": "boom"})
+    status = job_status(job)
+    assert (status["tiles"]["total"], status["tiles"]["done"], status["tiles"]["failed"]) == (len(plan.tiles), 1, 1)
+    assert "tile 1: boom" in format_status(status)
+
+
+def test_explicit_change_periods_and_class_fields(tmp_path: Path) -> None:
+    from pipeline.spec import JobSpecError
+
+    before, after = {"start": date(2015, 7, 1), "end": date(2015, 7, 31)}, {"start": "2015-08-21", "end": "2015-09-30"}
+    out = {"kind": "change", "path": "o", "before": before, "after": after}
+    job = load_job(write_job(tmp_path / "c.yaml", "cube.zarr", "o", "m", output=out))
+    assert job_periods(job) == [(date(2015, 7, 1), date(2015, 7, 31)), (date(2015, 8, 21), date(2015, 9, 30))]
+    with pytest.raises(JobSpecError, match="both before and after"):
+        load_job(write_job(tmp_path / "d.yaml", "cube.zarr", "o", "m", output={"kind": "change", "before": before}))
+    with pytest.raises(JobSpecError, match="class_names"):
+        seg = {"kind": "segmentation", "num_classes": 3, "class_names": ["a", "b"]}
+        load_job(write_job(tmp_path / "e.yaml", "cube.zarr", "o", "m", output=seg))
