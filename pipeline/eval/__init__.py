@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation: kNN, linear probes, BigEarthNet multi-label mAP (``skypipe eval ...``)."""

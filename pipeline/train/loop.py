@@ -1,0 +1,259 @@
+"""The pre-training loop: Ray Train ``TorchTrainer`` workers running the teacher-student step.
+
+Per step (all ranks): re-seed torch from ``(seed, step, rank)``; set the cosine learning rate of every parameter
+group (scaled by its layer-wise factor); ``accumulation`` micro-batches, each a forward of the meta-architecture
+(which makes its views on the device) under optional bf16 autocast and a backward, reducing gradients on the last
+one only; gradient clipping; AdamW; the EMA teacher update with the cosine momentum schedule. Rank 0 logs, and
+every ``checkpoint_every`` steps all ranks gather the full state and rank 0 writes it (``state.py``). Starting a
+job whose storage already holds checkpoints resumes from the newest one: the data order and RNG are functions of
+the step, so the resumed curve continues the interrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.model import SkySenseV2, create_model
+
+from .data import MixedDataset, StepBatchSampler, build_sources, make_loader, to_model_inputs
+from .monitor import Monitor, Summary, Timer, expert_load_stats
+from .parallel import compile_blocks, distributed, grad_sync, unwrap, wrap_ddp, wrap_fsdp
+from .spec import PretrainSpec
+from .state import (
+    export_model,
+    gather_state,
+    latest_checkpoint,
+    load_training_checkpoint,
+    module_prefix,
+    restore,
+    save_training_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Torch seed of one (step, rank): makes every step's randomness independent of what ran before."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def build_meta_arch(spec: PretrainSpec, world_size: int = 1) -> tuple[nn.Module, SkySenseV2]:
+    """The student model (seeded, so every rank starts identical) and the SSL meta-architecture around it.
+
+    Contrastive negatives are gathered across ranks (``distributed``) when there is more than one, unless the
+    spec's ``ssl.options`` says otherwise.
+    """
+    from pipeline.ssl import MultiViewAugment, SSLMetaArch
+
+    torch.manual_seed(spec.seed)
+    student = create_model(spec.model.name, **spec.model.overrides)
+    cfg = student.config
+    augment = MultiViewAugment(cfg.modalities, grid_gsd=cfg.grid_gsd, **spec.ssl.augment)
+    options = {"distributed": world_size > 1} | spec.ssl.options
+    return SSLMetaArch(student, augment=augment, **options), student
+
+
+def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not distributed() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def run_loop(spec: PretrainSpec, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+             progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (or resume) on this rank; returns the run's summary metrics (rank 0's are authoritative)."""
+    from pipeline.ssl.schedules import cosine_lr, momentum_schedule, param_groups
+
+    t_start = time.perf_counter()
+    device = device or torch.device("cpu")
+    meta, student = build_meta_arch(spec, world_size)
+    student_prefix = module_prefix(meta, student)
+    ckpt = latest_checkpoint(spec.storage)
+    start_step, extra = 0, {}
+    if ckpt:
+        model_state, optim_state, extra = load_training_checkpoint(ckpt)
+        start_step = int(extra["step"])
+        log.info("rank %d: resuming from %s (step %d)", rank, ckpt, start_step)
+    if spec.activation_checkpointing if spec.activation_checkpointing is not None else spec.use_gpu:
+        student.set_grad_checkpointing(True)
+    meta.to(device)
+    if spec.compile:
+        compile_blocks(meta)
+    bf16 = spec.resolved_precision() == "bf16"
+    if spec.resolved_parallel() == "fsdp" and distributed():
+        model = wrap_fsdp(meta, param_dtype=torch.bfloat16 if bf16 else None)
+    else:
+        model = wrap_ddp(meta, device)
+    o = spec.optim
+    groups = param_groups(unwrap(model), lr=o.lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda" or None)
+    if ckpt:
+        restore(model, optimizer, model_state, optim_state)
+        del model_state, optim_state
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    sources, weights = build_sources([d.model_dump() for d in spec.data])
+    acc = spec.accumulation
+    sampler = StepBatchSampler([len(s) for s in sources], weights, spec.micro_batch, world_size, rank, spec.seed,
+                               start=start_step * acc, stop=spec.steps * acc, repeat=spec.repeat_batch)  # fmt: skip
+    loader = make_loader(MixedDataset(sources), sampler, spec.loader_workers, pin_memory=device.type == "cuda",
+                         prefetch_factor=spec.prefetch)  # fmt: skip
+    batches = iter(loader)
+    monitor = Monitor(spec.storage, rank, spec.steps, start_step, enabled_bar=progress)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    timer, samples_per_step = Timer(), spec.batch_size
+    last: dict[str, float] = {}
+    ckpt_path = ckpt
+    model.train()
+    for step in range(start_step, spec.steps):
+        torch.manual_seed(step_seed(spec.seed, 0 if spec.repeat_batch else step, rank))
+        lr = cosine_lr(step, base_lr=o.lr, total_steps=spec.steps, warmup_steps=o.warmup_steps, min_lr=o.min_lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        momentum = momentum_schedule(step, total_steps=spec.steps, base=spec.ssl.momentum, final=spec.ssl.momentum_end)
+        comps: dict[str, float] = defaultdict(float)
+        t_data = 0.0
+        with timer:
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            for micro in range(acc):
+                td = time.perf_counter()
+                batch = to_model_inputs(next(batches), device)
+                t_data += time.perf_counter() - td
+                with grad_sync(model, micro == acc - 1):
+                    with autocast:
+                        out = model(batch)
+                    (out["loss"] / acc).backward()
+                for k, v in out.items():
+                    if torch.is_tensor(v) and v.numel() == 1:
+                        comps[f"loss/{k}" if k != "loss" else "loss"] += float(v.detach()) / acc
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad or float("inf"))
+            optimizer.step()
+            unwrap(model).update_teacher(momentum)
+            step_s = time.perf_counter() - t0
+        metrics = _all_mean(dict(comps), device)
+        if not all(np.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"step {step}: non-finite loss {metrics}")
+        metrics |= {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "step_s": step_s,
+                    "data_wait_s": t_data, "samples_per_s": samples_per_step / step_s}  # fmt: skip
+        if (step + 1) % spec.log_every == 0 or step + 1 == spec.steps:
+            load = out.get("expert_load")  # (layers, E) token shares of the step's MoE calls (last micro-batch)
+            counts = {str(i): row for i, row in enumerate(load)} if torch.is_tensor(load) else None
+            metrics |= expert_load_stats(counts or student.backbone.tokens_per_expert())
+            monitor.log(step + 1, metrics)
+        last = metrics
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+            model_state, optim_state = gather_state(model, optimizer)
+            if rank == 0:
+                ckpt_path = save_training_checkpoint(
+                    spec.storage, step + 1, student.config, model_state, optim_state, student_prefix,
+                    extra={"data_position": (step + 1) * acc, "world_size": world_size,
+                           "spec": spec.model_dump(mode="json")},
+                    provenance=_provenance(spec, step + 1), keep=spec.keep_checkpoints,
+                )  # fmt: skip
+            del model_state, optim_state
+    monitor.close()
+    model_path = None
+    if rank == 0 and ckpt_path:
+        model_path = f"{spec.storage.rstrip('/')}/model_teacher.pt"
+        export_model(ckpt_path, model_path, which="teacher")
+    if distributed():
+        dist.barrier()
+    done = spec.steps - start_step
+    return {
+        "steps": spec.steps, "resumed_from": start_step, "samples": done * samples_per_step,
+        "train_s": timer.total, "wall_s": time.perf_counter() - t_start,
+        "samples_per_s": done * samples_per_step / max(timer.total, 1e-9), "final_loss": last.get("loss", float("nan")),
+        "checkpoint": ckpt_path, "model": model_path,
+    }  # fmt: skip
+
+
+def _provenance(spec: PretrainSpec, step: int) -> dict[str, Any]:
+    return {
+        "training": f"skypipe pretrain {spec.name}: SkySense V2 teacher-student SSL",
+        "step": step,
+        "data": [f"{d.kind}:{d.path}" for d in spec.data],
+        "batch_size": spec.batch_size,
+    }
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of every worker (``config = {"spec": PretrainSpec as JSON data}``)."""
+    import ray.train
+    import ray.train.torch
+
+    spec = PretrainSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(spec.cpus_per_worker)
+    logging.basicConfig(level=logging.INFO)
+    result = run_loop(spec, ctx.get_world_rank(), ctx.get_world_size(), device, progress=config.get("progress", True))
+    if ctx.get_world_rank() == 0:
+        with fsspec.open(f"{spec.storage.rstrip('/')}/summary.json", "w") as f:
+            json.dump(result, f, indent=1)
+    ray.train.report({k: v for k, v in result.items() if v is not None})
+
+
+def init_local_ray(num_cpus: int, num_gpus: int | None = None) -> None:
+    """Start an embedded Ray on loopback (see ``shared/reference/stack-notes.md``) unless one is connected."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+             object_store_memory=512 * 2**20, log_to_driver=True)  # fmt: skip
+
+
+def run_pretrain(spec: PretrainSpec, progress: bool = True, on_start: Callable[[], None] | None = None) -> Summary:
+    """Run (or resume) a pre-training job on Ray Train and return its summary."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.perf_counter()
+    fs, path = fsspec.core.url_to_fs(f"{spec.storage.rstrip('/')}/summary.json")
+    if fs.exists(path):
+        fs.rm(path)
+    gpus = spec.workers if spec.use_gpu else None
+    init_local_ray(num_cpus=max(spec.workers * spec.cpus_per_worker, 1), num_gpus=gpus)
+    if on_start:
+        on_start()
+    local = "://" not in spec.storage
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "progress": progress},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage),
+    )  # fmt: skip
+    trainer.fit()  # raises if a worker failed
+    # [ours] Ray Train keeps metrics only alongside Ray checkpoints; ours live in storage, so rank 0 writes the
+    # run's summary there and the driver reads it back.
+    with fsspec.open(f"{spec.storage.rstrip('/')}/summary.json", "r") as f:
+        m = json.load(f)
+    return Summary(
+        steps=int(m["steps"]), resumed_from=int(m["resumed_from"]), samples=int(m["samples"]),
+        wall_s=time.perf_counter() - t0, train_s=float(m["train_s"]), samples_per_s=float(m["samples_per_s"]),
+        final_loss=float(m["final_loss"]), checkpoint=m.get("checkpoint"), model=m.get("model"), storage=spec.storage,
+    )  # fmt: skip

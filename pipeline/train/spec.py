@@ -1,0 +1,199 @@
+"""The pre-training job spec: YAML parsed and validated once, here; the loop receives plain values.
+
+Example (``jobs/pretrain-tiny.yaml``)::
+
+    name: pretrain-tiny
+    model: {name: skysense_v2_tiny}
+    data:
+      - {kind: images, path: ../shared/data/rsscn7, size: 64, gsd: 0.625}
+      - {kind: bigearthnet, path: ../shared/data/bigearthnet_v1, size: 16, weight: 0.5}
+      - {kind: cube, path: outputs/cube-slovenia.zarr, size: 16, num_dates: 2}
+    steps: 2000
+    batch_size: 32            # global samples per optimiser step
+    accumulation: 1
+    optim: {lr: 5.0e-4, warmup_steps: 100}
+    workers: 2
+    storage: outputs/pretrain-tiny    # local path or fsspec URL
+
+Relative paths (data and storage) are resolved against the current directory when the spec is loaded, so Ray
+workers (which run elsewhere) see absolute paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.model.config import MODEL_CONFIGS
+
+
+def _absolute(path: str) -> str:
+    """Absolute local path, or the URL unchanged (``s3://``, ``gs://``, ``memory://`` ...)."""
+    path = os.path.expandvars(os.path.expanduser(path))
+    return path if "://" in path else str(Path(path).resolve())
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _PathSource(_Strict):
+    path: str
+    weight: float = Field(1.0, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        return _absolute(v)
+
+
+class ImagesSource(_PathSource):
+    """A folder tree of RGB images (e.g. RSSCN7) as single-date HR samples."""
+
+    kind: Literal["images"] = "images"
+    size: int = Field(64, gt=0)
+    gsd: float = Field(0.625, gt=0)
+    scale: tuple[float, float] = (0.2, 1.0)
+
+
+class ChangePairsSource(ImagesSource):
+    """``A/``, ``B/`` change pairs (LEVIR-CD, DSIFN-CD) as 2-date HR samples."""
+
+    kind: Literal["change_pairs"] = "change_pairs"  # type: ignore[assignment]
+
+
+class BigEarthNetSpec(_PathSource):
+    """BigEarthNet v1 patch folders as S2 + S1 samples."""
+
+    kind: Literal["bigearthnet"] = "bigearthnet"
+    split: Literal["train", "val", "test"] | None = None
+    size: int | None = Field(None, gt=0)
+
+
+class CubeSourceSpec(_PathSource):
+    """Random windows of a Zarr cube (all its modalities, same footprint)."""
+
+    kind: Literal["cube"] = "cube"
+    size: int = Field(16, gt=0)
+    modalities: list[str] | None = None
+    num_dates: int = Field(4, gt=0)
+    min_valid: float = Field(0.5, ge=0, le=1)
+
+
+DataSource = Annotated[ImagesSource | ChangePairsSource | BigEarthNetSpec | CubeSourceSpec, Field(discriminator="kind")]
+
+
+class ModelSpec(_Strict):
+    """Which configuration to build, with overrides (``SkySenseConfig`` fields)."""
+
+    name: str = "skysense_v2_tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODEL_CONFIGS:
+            raise ValueError(f"unknown model {v!r}; available: {sorted(MODEL_CONFIGS)}")
+        return v
+
+
+class OptimSpec(_Strict):
+    """AdamW with linear warm-up then cosine decay; layer-wise lr decay over the backbone depth."""
+
+    lr: float = Field(2e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = Field(3.0, gt=0)
+
+
+class SSLSpec(_Strict):
+    """Teacher-student settings.
+
+    EMA momentum schedule, keyword arguments of ``SSLMetaArch`` (``options``) and of its view generator
+    ``MultiViewAugment`` (``augment``, e.g. ``{num_local: 2}``).
+    """
+
+    momentum: float = Field(0.996, ge=0, le=1)
+    momentum_end: float = Field(1.0, ge=0, le=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    augment: dict[str, Any] = Field(default_factory=dict)
+
+
+class PretrainSpec(_Strict):
+    """A pre-training job. ``batch_size`` is global (all workers, one optimiser step)."""
+
+    name: str = "pretrain"
+    model: ModelSpec = ModelSpec()
+    data: list[DataSource] = Field(min_length=1)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    accumulation: int = Field(1, gt=0)
+    optim: OptimSpec = OptimSpec()
+    ssl: SSLSpec = SSLSpec()
+    workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: int = Field(1, gt=0)
+    use_gpu: bool = False
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker")
+    prefetch: int = Field(4, gt=0)
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    activation_checkpointing: bool | None = None
+    compile: bool = False
+    storage: str
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    repeat_batch: bool = Field(False, description="debug: every step sees micro-batch 0 with step 0's views")
+
+    @field_validator("storage")
+    @classmethod
+    def _abs_storage(cls, v: str) -> str:
+        return _absolute(v)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> PretrainSpec:
+        per = self.workers * self.accumulation
+        if self.batch_size % per:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by workers x accumulation = {per} "
+                "(every rank runs the same micro-batch size)"
+            )
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per rank per forward."""
+        return self.batch_size // (self.workers * self.accumulation)
+
+    def resolved_parallel(self) -> str:
+        """``ddp`` or ``fsdp`` (``auto``: FSDP2 for the huge configuration, DDP otherwise)."""
+        if self.parallel != "auto":
+            return self.parallel
+        return "fsdp" if self.model.name.endswith("huge") else "ddp"
+
+    def resolved_precision(self) -> str:
+        """``bf16`` autocast on GPU by default, fp32 on CPU."""
+        return ("bf16" if self.use_gpu else "fp32") if self.precision == "auto" else self.precision
+
+
+def load_pretrain_spec(path: str | Path) -> PretrainSpec:
+    """Parse and validate a pre-training YAML; errors name the file and the offending field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"pre-training spec not found: {path}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    try:
+        return PretrainSpec.model_validate(raw)
+    except Exception as err:
+        raise ValueError(f"{path}: invalid pre-training spec:\n{err}") from None
