@@ -154,3 +154,21 @@ def test_named_configs_build_on_meta() -> None:
     for name in ("skysense_v2_tiny", "skysense_v2_small", "skysense_v2_base"):
         c = count_parameters(get_config(name))
         assert c.backbone_moe > c.backbone_dense > 0
+
+
+def test_moe_stats_cover_every_modality_of_a_forward() -> None:
+    torch.manual_seed(0)
+    m = create_model("skysense_v2_tiny", **MICRO).eval()
+    inputs = _batch(B=1, T=2, hr=False, seed=5)
+    with torch.no_grad():
+        m({"s2": inputs["s2"]})
+        aux_s2, counts_s2 = m.moe_aux_loss(), m.backbone.tokens_per_expert()
+        m({"s1": inputs["s1"]})
+        aux_s1, counts_s1 = m.moe_aux_loss(), m.backbone.tokens_per_expert()
+        m(inputs)
+        aux_both, counts_both = m.moe_aux_loss(), m.backbone.tokens_per_expert()
+    torch.testing.assert_close(aux_both, aux_s2 + aux_s1)
+    for name, c in counts_both.items():
+        assert torch.equal(c, counts_s2[name] + counts_s1[name])
+        # both modalities: B*T = 2 images each of 16 x 16 grid tokens + 4 prompt tokens, top-1
+        assert int(c.sum()) == 2 * 2 * (16 * 16 + 4)

@@ -116,6 +116,10 @@ class SkySenseV2Backbone(nn.Module):
             [nn.Parameter(torch.zeros(len(self.modality_names), num_prompts, dims[s])) for s in (2, 3)]
         )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)  # per-stage output norms (feature API)
+        # MoE statistics of every backbone call since the last reset: one call per modality per model forward,
+        # so a single layer attribute (last call only) would see the last modality alone.
+        self._moe_aux: list[Tensor] = []
+        self._moe_counts: dict[str, Tensor] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -165,19 +169,31 @@ class SkySenseV2Backbone(nn.Module):
                     t = self._run(blk, t)
                 x = t[:, self.num_prompts :].reshape(N, H, W, C)  # prompts dropped at the end of the stage
             outs.append(to_nchw(self.norms[s](x)))
+        self._collect_moe_stats()
         return outs
+
+    def reset_moe_stats(self) -> None:
+        """Forget the MoE losses/counts collected so far (called at the start of every model forward)."""
+        self._moe_aux = []
+        self._moe_counts = {}
+
+    def _collect_moe_stats(self) -> None:
+        for name, layer in self.named_modules():
+            if isinstance(layer, MoEFeedForward):
+                if layer.aux_loss is not None:
+                    self._moe_aux.append(layer.aux_loss)
+                prev = self._moe_counts.get(name)
+                counts = layer.tokens_per_expert.detach().clone()
+                self._moe_counts[name] = counts if prev is None else prev + counts
 
     def moe_layers(self) -> list[MoEFeedForward]:
         """All mixture-of-experts feed-forward layers, in depth order."""
         return [mod for mod in self.modules() if isinstance(mod, MoEFeedForward)]
 
     def moe_aux_loss(self) -> Tensor:
-        """Sum of the load-balancing losses of the last forward (weighted by each layer's aux weight)."""
-        losses = [layer.aux_loss for layer in self.moe_layers() if layer.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
+        """Sum of the load-balancing losses of every layer and every backbone call since the last reset."""
+        return torch.stack(self._moe_aux).sum() if self._moe_aux else torch.zeros(())
 
     def tokens_per_expert(self) -> dict[str, Tensor]:
-        """Per-layer token counts (E,) of the last forward, keyed by module name."""
-        return {
-            name: mod.tokens_per_expert.clone() for name, mod in self.named_modules() if isinstance(mod, MoEFeedForward)
-        }
+        """Per-layer token counts (E,) summed over the backbone calls since the last reset, keyed by module name."""
+        return {name: counts.clone() for name, counts in self._moe_counts.items()}

@@ -135,6 +135,7 @@ class SkySenseV2(nn.Module):
         """
         if not inputs:
             raise ValueError(f"no input modality given; the model takes any of {list(self.config.modality_names)}")
+        self.backbone.reset_moe_stats()
         out: dict[str, list[Tensor] | Tensor] = {}
         doys: dict[str, Tensor] = {}
         valids: dict[str, Tensor] = {}
