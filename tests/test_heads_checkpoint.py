@@ -76,6 +76,9 @@ def test_task_heads_produce_grid_maps() -> None:
     again = build_task("segmentation", model, num_classes=5)
     for a, b in zip(seg.head.parameters(), again.head.parameters()):
         torch.testing.assert_close(a, b)
+        # before/after periods with different numbers of dates
+        three_dates = {"s2": ModalityInput(torch.randn(2, 3, 10, 16, 16)), "hr": inputs["hr"]}
+        assert change(inputs, three_dates).shape == (2, 2, 16, 16)
     with pytest.raises(ValueError, match="needs two inputs"):
         change(inputs)
     with pytest.raises(ValueError, match="unknown output kind"):

@@ -112,3 +112,16 @@ def test_missing_file_and_non_mapping():
 
 def test_jobspec_error_is_a_value_error_for_the_cli():
     assert issubclass(JobSpecError, ValueError)
+
+
+def test_every_shipped_job_spec_validates() -> None:
+    from pathlib import Path
+
+    from pipeline.spec import load_job
+    from pipeline.train.spec import load_pretrain_spec
+
+    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    assert len(jobs) >= 6
+    for path in jobs:
+        spec = load_pretrain_spec(path) if path.name.startswith("pretrain-") else load_job(path)
+        assert spec is not None, path

@@ -131,7 +131,9 @@ class ChangeTask(SegmentationTask):
             raise ValueError("change detection needs two inputs: before (inputs) and after (inputs_after)")
         a = self.model.forward_intermediates(inputs)
         b = self.model.forward_intermediates(inputs_after)
-        sa, sb = self._stages(a), self._stages(b)
+        # Periods may hold different numbers of dates: compare their temporal means, (B, 1, C, H, W) each.
+        sa = [x.mean(dim=1, keepdim=True) for x in self._stages(a)]
+        sb = [y.mean(dim=1, keepdim=True) for y in self._stages(b)]
         stages = [torch.cat([x, y, (x - y).abs()], dim=2) for x, y in zip(sa, sb)]
         fa, fb = a["fused"], b["fused"]
         return self.head(stages, torch.cat([fa, fb, (fa - fb).abs()], dim=1))  # type: ignore[list-item]
