@@ -120,6 +120,8 @@ class SkySenseV2Backbone(nn.Module):
         # so a single layer attribute (last call only) would see the last modality alone.
         self._moe_aux: list[Tensor] = []
         self._moe_counts: dict[str, Tensor] = {}
+        # (name, layer) of every MoE layer, found once: the per-call stats collection is on the hot path.
+        self._moe_named = [(n, m) for n, m in self.named_modules() if isinstance(m, MoEFeedForward)]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -178,17 +180,16 @@ class SkySenseV2Backbone(nn.Module):
         self._moe_counts = {}
 
     def _collect_moe_stats(self) -> None:
-        for name, layer in self.named_modules():
-            if isinstance(layer, MoEFeedForward):
-                if layer.aux_loss is not None:
-                    self._moe_aux.append(layer.aux_loss)
-                prev = self._moe_counts.get(name)
-                counts = layer.tokens_per_expert.detach().clone()
-                self._moe_counts[name] = counts if prev is None else prev + counts
+        for name, layer in self._moe_named:
+            if layer.aux_loss is not None:
+                self._moe_aux.append(layer.aux_loss)
+            prev = self._moe_counts.get(name)
+            counts = layer.tokens_per_expert.detach().clone()
+            self._moe_counts[name] = counts if prev is None else prev + counts
 
     def moe_layers(self) -> list[MoEFeedForward]:
         """All mixture-of-experts feed-forward layers, in depth order."""
-        return [mod for mod in self.modules() if isinstance(mod, MoEFeedForward)]
+        return [m for _, m in self._moe_named]
 
     def moe_aux_loss(self) -> Tensor:
         """Sum of the load-balancing losses of every layer and every backbone call since the last reset."""
