@@ -200,7 +200,8 @@ def run_job(
     r = run_inference(
         cube_url=job.cube.path, output_url=paths["output"], checkpoint=job.checkpoint, kind=job.output.kind,
         modalities=modalities, periods=job_periods(job), tile_size=job.tiles.size, overlap=job.tiles.overlap,
-        batch_size=job.batch_size, actors=job.actors, gpus_per_actor=job.gpus_per_actor,
+        margin=job.tiles.margin_px, context_radius=job.tiles.context_radius, batch_size=job.batch_size,
+        actors=job.actors, gpus_per_actor=job.gpus_per_actor,
         num_classes=job.output.num_classes, class_names=job.output.class_names, address=address,
         max_attempts=max_attempts, progress=progress,
     )  # fmt: skip

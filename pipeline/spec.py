@@ -104,16 +104,48 @@ class OutputSpec(_Strict):
 
 
 class TileSpec(_Strict):
-    """Inference tiles in 10 m pixels; neighbouring tiles share ``overlap`` pixels."""
+    """Inference tiles in 10 m pixels; neighbouring tiles share ``overlap`` pixels.
+
+    Attributes:
+        size: tile side.
+        overlap: pixels shared by neighbouring tiles; ``size - overlap`` must be a multiple of 8 (the attention
+            window) with local context.
+        margin: pixels at each inner tile edge that get zero weight in the mosaic (the model's edge effects);
+            default ``overlap // 3``. At most ``overlap / 2``.
+        context: ``local`` (default): stages 3-4 attend to a ``radius``-cell neighbourhood, so outputs do not depend
+            on where tiles start and the mosaic has no seams; ``global``: attention over the whole tile, as in
+            pre-training, but every pixel then carries its tile's context and tile borders can show.
+        radius: neighbourhood radius of local context, in grid cells.
+    """
 
     size: int = Field(256, gt=0)
-    overlap: int = Field(32, ge=0)
+    overlap: int = Field(48, ge=0)
+    margin: int | None = Field(None, ge=0)
+    context: Literal["local", "global"] = "local"
+    radius: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> TileSpec:
         if 2 * self.overlap >= self.size:
             raise ValueError(f"overlap {self.overlap} must be less than half the tile size {self.size}")
+        if 2 * self.margin_px > self.overlap:
+            raise ValueError(f"margin {self.margin_px} must be at most half the overlap {self.overlap}")
+        if self.context == "local" and (self.size - self.overlap) % 8:
+            raise ValueError(
+                f"size - overlap = {self.size - self.overlap} must be a multiple of 8 (the attention window) so that "
+                "tiles share one window grid; e.g. size 256 with overlap 48"
+            )
         return self
+
+    @property
+    def margin_px(self) -> int:
+        """The margin in pixels (``overlap // 3`` when not given)."""
+        return self.overlap // 3 if self.margin is None else self.margin
+
+    @property
+    def context_radius(self) -> int | None:
+        """Radius passed to the model (None = global attention)."""
+        return self.radius if self.context == "local" else None
 
 
 class JobSpec(_Strict):

@@ -110,7 +110,7 @@ def write_job(path: Path, cube: str, out: str, checkpoint: str, **overrides: obj
         "cube": {"path": cube, "chunks": {"y": 32, "x": 32}},
         "checkpoint": checkpoint,
         "output": {"kind": "embeddings", "path": out},
-        "tiles": {"size": 24, "overlap": 4},
+        "tiles": {"size": 24, "overlap": 8},  # local context (the default), margin 2: 4 x 4 tiles on 64 x 64
         "batch_size": 2,
         "actors": 1,
         "gpus_per_actor": 0,

@@ -71,6 +71,7 @@ def write_tile_store(
     valid_HW: np.ndarray | None = None,
     provenance: dict[str, Any] | None = None,
     origins: np.ndarray | None = None,
+    margin: int = 0,
 ) -> str:
     """Cut ``image_CHW`` (the untiled model output) into tiles and write ``{job_url}/tiles.zarr`` + manifest.
 
@@ -78,6 +79,8 @@ def write_tile_store(
         statuses: ``{tile index: status}``; unlisted tiles are ``done``. Non-done tiles get no data written.
         offsets: ``(N,)`` value added to every pixel of tile ``i`` (simulates per-tile inconsistencies).
         valid_HW: validity of the untiled output (default: all valid).
+        origins: tile origins (default :func:`tile_origins`).
+        margin: zero-weight band at inner tile edges, stored for the stitcher.
 
     Returns:
         the tile store URL.
@@ -96,6 +99,7 @@ def write_tile_store(
             "channels": channels,
             "tile_size": tile_size,
             "overlap": overlap,
+            "margin": margin,
             "provenance": provenance or PROVENANCE,
         }
     )

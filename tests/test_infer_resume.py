@@ -57,7 +57,9 @@ def test_sigkill_mid_run_then_resume_is_identical(tmp_path: Path) -> None:
     # local actor gets (all cores); CPU outputs are bit-identical only at equal thread counts
     common = {"cube_url": cube, "checkpoint": ckpt, "kind": "embeddings", "modalities": ["s2"],
               "periods": [("2015-07-01", "2015-09-30")]}  # fmt: skip
-    plan = prepare_store(**common, output_url=str(tmp_path / "ref"), tile_size=24, overlap=4)
+    plan = prepare_store(
+        **common, output_url=str(tmp_path / "ref"), tile_size=24, overlap=8, margin=2, context_radius=8
+    )  # the job's tiling: local context, margin overlap // 3
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
@@ -78,16 +80,16 @@ def test_sigkill_mid_run_then_resume_is_identical(tmp_path: Path) -> None:
     finally:
         _kill_tree(proc)
     before = _records(tmp_path / "out")
-    assert 1 <= len(before) < 9
+    assert 1 <= len(before) < 16
 
     resumed = _run(job)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "9 tiles: 8 done, 1 skipped" in resumed.stdout and (tmp_path / "out" / "quicklook.png").exists()
+    assert "16 tiles: 15 done, 1 skipped" in resumed.stdout and (tmp_path / "out" / "quicklook.png").exists()
     after = _records(tmp_path / "out")
-    assert len(after) == 9
+    assert len(after) == 16
     assert {k: after[k] for k in before} == before  # finished tiles untouched (same attempt, same finish time)
     assert all(r["attempts"] == 1 for r in after.values())
-    assert f"{9 - len(before)} computed now" in resumed.stdout and f"{len(before)} from earlier runs" in resumed.stdout
+    assert f"{16 - len(before)} computed now" in resumed.stdout and f"{len(before)} from earlier runs" in resumed.stdout
 
     a = zarr.open_group(str(tmp_path / "ref" / "tiles.zarr"), mode="r")
     b = zarr.open_group(str(tmp_path / "out" / "tiles.zarr"), mode="r")

@@ -81,4 +81,4 @@ def test_cli_run_exits_nonzero_on_failed_tiles(
     text = capsys.readouterr().out
     assert "tile 2: model: RuntimeError: injected fault" in text and "tiles failed" in text
     assert main(["status", str(job)]) == 0
-    assert "7 done, 1 skipped, 1 failed, 0 pending of 9" in capsys.readouterr().out
+    assert "14 done, 1 skipped, 1 failed, 0 pending of 16" in capsys.readouterr().out

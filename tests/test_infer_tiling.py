@@ -17,6 +17,17 @@ def test_starts_cover_the_axis_and_stay_inside() -> None:
         tile_starts(100, 32, 32)
 
 
+def test_aligned_starts_share_the_window_grid() -> None:
+    assert tile_starts(100, 32, 8, align=8) == [0, 24, 48, 72]  # last: 68 rounded up to 72, sticks out 4 px
+    assert tile_starts(96, 32, 8, align=8) == [0, 24, 48, 64]  # 64 is aligned: ends at the grid edge
+    assert tile_starts(20, 32, 8, align=8) == [0]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tile_starts(100, 32, 4, align=8)
+    tiles = plan_tiles(100, 96, 32, 8, align=8)
+    assert all(t.row % 8 == 0 and t.col % 8 == 0 for t in tiles)
+    assert padding(tiles, 100, 96) == (4, 0)
+
+
 @pytest.mark.parametrize(("h", "w", "size", "overlap"), [(101, 100, 24, 4), (64, 64, 24, 4), (10, 70, 16, 0)])
 def test_every_pixel_is_covered_and_ids_are_row_major(h: int, w: int, size: int, overlap: int) -> None:
     tiles = plan_tiles(h, w, size, overlap)
@@ -31,7 +42,7 @@ def test_every_pixel_is_covered_and_ids_are_row_major(h: int, w: int, size: int,
     origins = origins_array(tiles)
     assert origins.dtype == np.int64 and origins.shape == (len(tiles), 2)
     assert sorted(map(tuple, origins)) == list(map(tuple, origins))  # row-major
-    assert padding(h, w, size) == (max(size - h, 0), max(size - w, 0))
+    assert padding(tiles, h, w) == (max(size - h, 0), max(size - w, 0))
 
 
 def test_hr_window_is_the_same_ground() -> None:

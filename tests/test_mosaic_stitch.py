@@ -40,6 +40,38 @@ def test_weights_sum_to_one_everywhere(size, overlap):
         assert (w >= 0).all()
 
 
+@pytest.mark.parametrize(("overlap", "margin"), [(8, 2), (16, 4), (12, 6), (9, 4)])
+def test_margin_zeroes_inner_edges_and_keeps_a_partition_of_unity(overlap, margin):
+    w = taper_1d(32, overlap, margin)
+    assert np.all(w[:margin] == 0) and np.all(w[32 - margin :] == 0)
+    assert np.all(w[overlap : 32 - overlap] == 1)
+    np.testing.assert_allclose(w[-overlap:] + w[:overlap], 1, atol=1e-12)
+    open_start = taper_1d(32, overlap, margin, open_start=True)  # on the grid edge: no neighbour, no taper
+    assert np.all(open_start[:overlap] == 1) and np.array_equal(open_start[overlap:], w[overlap:])
+
+
+@pytest.mark.parametrize(("size", "overlap", "margin", "align"), [(32, 16, 4, 8), (48, 24, 12, 8), (40, 8, 4, 1)])
+def test_weights_with_margin_sum_to_one_and_skip_inner_edges(size, overlap, margin, align):
+    from pipeline.infer.tiling import origins_array, plan_tiles
+
+    shape = (101, 100)
+    origins = origins_array(plan_tiles(*shape, size, overlap, align))  # aligned tiles may stick out of the grid
+    w = normalised_weights(origins, size, overlap, shape, margin=margin)
+    np.testing.assert_allclose(w.sum(axis=0), 1, atol=1e-12)
+    for i, (r, c) in enumerate(origins):
+        if r > 0:  # an inner top edge: its margin rows get no weight from this tile
+            assert not w[i, r : r + margin, max(c, 0) : c + size].any()
+
+
+def test_stitched_equals_untiled_with_margin(chip, tmp_path):
+    bands, crs, transform = chip
+    untiled = linear_model(bands, 4)
+    tiles = write_tile_store(str(tmp_path / "job"), untiled, crs, transform, 32, 16, margin=5)
+    mosaic = open_mosaic(stitch_tiles(tiles, str(tmp_path / "mosaic.zarr"), chunks=40))
+    np.testing.assert_allclose(mosaic["data"].values, untiled, rtol=0, atol=1e-6)
+    assert mosaic.attrs["margin"] == 5
+
+
 @pytest.mark.parametrize(
     ("size", "overlap", "chunks"),
     [(32, 8, 48), (24, 7, 40), (40, 12, 512), (64, 0, 33), (128, 16, 64)],  # 128: grid smaller than a tile

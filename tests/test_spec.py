@@ -47,7 +47,8 @@ def test_defaults(tmp_path):
     assert job.name == "job"
     assert (job.cube.chunks.y, job.cube.chunks.x, job.cube.chunks.time) == (512, 512, 1)
     assert job.resolution == {} and job.crs is None and job.max_cloud is None
-    assert job.output.kind == "embeddings" and job.tiles.size == 256 and job.tiles.overlap == 32
+    assert job.output.kind == "embeddings" and job.tiles.size == 256 and job.tiles.overlap == 48
+    assert job.tiles.margin_px == 16 and job.tiles.context_radius == 8
     assert job.batch_size == 8 and job.actors == 1 and job.gpus_per_actor == 0
     assert job.checkpoint is None
 
@@ -84,6 +85,9 @@ def test_geojson_region_relative_to_job_file(tmp_path):
         (("catalog: local", "catalog: local\nresolution: {s2: 7}"), r"resolution\.s2 must be one of"),
         (("catalog: local", "catalog: local\nresolution: {hr: 0.5}"), r"resolution given for 'hr'"),
         (("catalog: local", "catalog: local\ntiles: {size: 64, overlap: 32}"), r"tiles: overlap 32 must be less"),
+        (("catalog: local", "catalog: local\ntiles: {size: 64, overlap: 12}"), r"tiles: .*multiple of 8"),
+        (("catalog: local", "catalog: local\ntiles: {size: 64, overlap: 16, margin: 9}"), r"margin 9 must be at most"),
+        (("catalog: local", "catalog: local\ntiles: {size: 64, overlap: 8, context: wide}"), r"tiles\.context"),
         (("catalog: local", "catalog: local\nbatch_size: 0"), r"batch_size: .*greater than 0"),
         (("catalog: local", "catalog: local\noutput: {kind: pictures}"), r"output\.kind: Input should be"),
         (("catalog: local", "catalog: local\nregoin: x"), r"regoin: unknown field"),

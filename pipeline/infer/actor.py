@@ -116,6 +116,7 @@ class TileProcessor:
         self.tile_size = int(self.group.attrs["tile_size"])
         self.origins = np.asarray(self.group["origin"][:])
         self.task = load_task(checkpoint, kind, num_classes, class_names).to(self.device)
+        self.task.model.backbone.set_context_radius(self.group.attrs.get("context_radius"))  # as the store says
         if kind == "change" and len(periods) != 2:
             raise ValueError("change detection needs two periods (before, after)")
         specs = {m: self.task.model.config.modality(m) for m in modalities}

@@ -142,18 +142,30 @@ def prepare_store(
     periods: Sequence[Period],
     tile_size: int,
     overlap: int,
+    margin: int = 0,
+    context_radius: int | None = None,
     num_classes: int | None = None,
     class_names: list[str] | None = None,
 ) -> StorePlan:
-    """Describe the model, plan the tiles and open or create the tile store (refusing one of another job)."""
+    """Describe the model, plan the tiles and open or create the tile store (refusing one of another job).
+
+    ``context_radius`` None keeps the model's global stage-3/4 attention (as pre-trained); a radius switches to local
+    context (job specs do by default) and aligns the tile origins to the model's attention window, so the tiles
+    agree wherever they overlap (see :mod:`pipeline.model.layers.local_attention`). ``margin`` pixels at each inner
+    tile edge get zero weight when stitching.
+    """
     info = describe_task(checkpoint, kind, num_classes, class_names)
     grid = output_grid(cube_url, modalities)
-    tiles = plan_tiles(grid.height, grid.width, tile_size, overlap)
+    if not 0 <= 2 * margin <= overlap:
+        raise ValueError(f"margin {margin} must be between 0 and half the overlap {overlap}")
+    align = info.config.window_size if context_radius is not None else 1
+    tiles = plan_tiles(grid.height, grid.width, tile_size, overlap, align)
     periods = [_period_str(p) for p in periods]
     attrs = {
         "grid": {"crs": grid.crs, "transform": list(grid.transform), "height": grid.height, "width": grid.width},
-        "kind": kind, "channels": info.channels, "tile_size": tile_size, "overlap": overlap,
-        "padded": list(padding(grid.height, grid.width, tile_size)), "n_tiles": len(tiles),
+        "kind": kind, "channels": info.channels, "tile_size": tile_size, "overlap": overlap, "margin": margin,
+        "context_radius": context_radius, "padded": list(padding(tiles, grid.height, grid.width)),
+        "n_tiles": len(tiles),
         "class_names": info.class_names,
         "provenance": {
             "model": info.config.name, "code_version": info.code_version, "checkpoint": info.checkpoint,
@@ -178,6 +190,8 @@ def run_inference(
     periods: Sequence[Period],
     tile_size: int = 256,
     overlap: int = 32,
+    margin: int = 0,
+    context_radius: int | None = None,
     batch_size: int = 8,
     actors: int = 1,
     gpus_per_actor: float = 0.0,
@@ -200,7 +214,8 @@ def run_inference(
         checkpoint = _absolute(checkpoint)
     plan = prepare_store(
         cube_url=cube_url, output_url=output_url, checkpoint=checkpoint, kind=kind, modalities=modalities,
-        periods=periods, tile_size=tile_size, overlap=overlap, num_classes=num_classes, class_names=class_names,
+        periods=periods, tile_size=tile_size, overlap=overlap, margin=margin, context_radius=context_radius,
+        num_classes=num_classes, class_names=class_names,
     )  # fmt: skip
     grid, tiles, info, periods, url = plan.grid, plan.tiles, plan.info, plan.periods, plan.url
     report = InferenceReport(url, len(tiles), area_km2=grid.height * grid.width * abs(grid.transform[0] ** 2) / 1e6)

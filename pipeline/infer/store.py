@@ -4,8 +4,8 @@ Layout under a job's output folder (local path or fsspec URL)::
 
     tiles.zarr/                 Zarr v3 group
         attrs   grid {crs (WKT), transform (a, b, c, d, e, f), height, width}, kind, channels, tile_size, overlap,
-                padded [rows, cols], n_tiles, provenance {model, code_version, checkpoint, checkpoint_sha256,
-                preprocessing {modality: {bands, mean, std, units}}, cube, time, modalities}
+                margin, context_radius, padded [rows, cols], n_tiles, provenance {model, code_version, checkpoint,
+                checkpoint_sha256, preprocessing {modality: {bands, mean, std, units}}, cube, time, modalities}
         data    (n_tiles, C, S, S) float32, chunks (1, C, S, S), NaN fill: model output, NaN where no valid input
         origin  (n_tiles, 2) int64: (row, col) of each tile's top-left pixel on the output grid
         valid   (n_tiles, S, S) uint8, chunks (1, S, S), 0 fill: 1 where the model had any valid input
@@ -39,7 +39,7 @@ of Zarr's default zstd, which matters when a GPU produces tiles faster than one 
 MANIFEST = "manifest/tiles"
 
 # Attributes that must match for a run to continue an existing store; code_version may differ.
-_IDENTITY = ("kind", "channels", "tile_size", "overlap", "grid", "n_tiles")
+_IDENTITY = ("kind", "channels", "tile_size", "overlap", "margin", "context_radius", "grid", "n_tiles")
 _PROVENANCE_IDENTITY = ("model", "checkpoint_sha256", "preprocessing", "cube", "time", "modalities")
 
 

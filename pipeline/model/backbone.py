@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.modalities import ModalitySpec
 
 from .layers.attention import Block
+from .layers.local_attention import LocalGrid
 from .layers.mlp import Mlp
 from .layers.moe import MoEFeedForward
 from .layers.patch_merging import AdaptiveTransition, merge_schedule, to_nchw, to_nhwc
@@ -82,6 +83,7 @@ class SkySenseV2Backbone(nn.Module):
         self.grid_gsd = grid_gsd
         self.num_prompts = num_prompts
         self.grad_checkpointing = False
+        self.context_radius: int | None = None  # None: global attention in stages 3-4 (as pre-trained)
 
         self.tokenizers = nn.ModuleDict(
             {m.name: PatchEmbed(m.num_bands, dims[0], patch_sizes[m.name]) for m in modalities}
@@ -132,11 +134,21 @@ class SkySenseV2Backbone(nn.Module):
         """Recompute block activations in backward to save memory (training)."""
         self.grad_checkpointing = enable
 
+    def set_context_radius(self, radius: int | None) -> None:
+        """Limit stages 3-4 to neighbourhood attention of ``radius`` grid cells (None: global, the default).
+
+        Local context makes every output a function of its neighbourhood only, so tiled region inference stitches
+        without seams (see :mod:`pipeline.model.layers.local_attention`). The radius counts stage-3/4 tokens.
+        """
+        if radius is not None and radius < 1:
+            raise ValueError(f"context radius must be >= 1 token, got {radius}")
+        self.context_radius = radius
+
     def merges_for(self, modality: str, gsd: float) -> tuple[bool, ...]:
         """APM schedule for one input (see :func:`merge_schedule`)."""
         return merge_schedule(gsd, self.patch_sizes[modality], self.grid_gsd)
 
-    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+    def _run(self, block: nn.Module, *args: Tensor | LocalGrid | None) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -167,8 +179,10 @@ class SkySenseV2Backbone(nn.Module):
                 N, H, W, C = x.shape
                 prompts = self.prompts[s - 2][m].to(x.dtype).expand(N, -1, -1)  # (N, P, C)
                 t = torch.cat([prompts, x.reshape(N, H * W, C)], dim=1)  # (N, P + H*W, C)
+                r = self.context_radius
+                local = None if r is None else LocalGrid(H, W, self.num_prompts, r)
                 for blk in blocks:
-                    t = self._run(blk, t)
+                    t = self._run(blk, t, None, local)
                 x = t[:, self.num_prompts :].reshape(N, H, W, C)  # prompts dropped at the end of the stage
             outs.append(to_nchw(self.norms[s](x)))
         self._collect_moe_stats()

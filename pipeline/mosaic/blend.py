@@ -1,10 +1,11 @@
 """Overlap blending weights for stitching tiles into a mosaic.
 
-Each tile's pixels are weighted by a separable cosine taper: flat (1) in the tile centre, falling to a small
-positive value over ``overlap`` pixels at every edge. Two tiles that overlap by exactly ``overlap`` pixels have
-tapers that sum to one across the overlap (``sin^2 t + cos^2 t = 1``), and for any other arrangement the mosaic
-divides by the accumulated weight, so the weights of all tiles covering a pixel always sum to one. The taper never
-reaches zero, so a pixel covered only by a tile's outermost row (the grid edge) is still covered.
+Each tile's pixels are weighted by a separable cosine taper: flat (1) in the tile centre, falling over ``overlap``
+pixels at every inner edge, optionally to exactly zero over the outermost ``margin`` pixels, where a model's
+outputs suffer from the tile edge. Two tiles that overlap by exactly ``overlap`` pixels have tapers that sum to one
+across the overlap (``sin^2 t + cos^2 t = 1``), and for any other arrangement the mosaic divides by the accumulated
+weight, so the weights of all tiles covering a pixel always sum to one. Sides on the grid edge have no neighbour and
+are not tapered; without a margin the taper never reaches zero either.
 """
 
 from __future__ import annotations
@@ -14,34 +15,62 @@ from functools import lru_cache
 import numpy as np
 
 
-def taper_1d(size: int, overlap: int) -> np.ndarray:
-    """Cosine ramp over ``overlap`` pixels at both ends of a tile side, flat in between.
+def taper_1d(size: int, overlap: int, margin: int = 0, open_start: bool = False, open_end: bool = False) -> np.ndarray:
+    """Weight profile of one tile side: ``margin`` zeros, a cosine ramp, then flat, at both ends.
 
     Args:
         size: tile side length in pixels.
-        overlap: width of the ramp; clamped to ``size // 2``. ``0`` gives a flat (all ones) profile.
+        overlap: pixels shared with the neighbouring tile; clamped to ``size // 2``. ``0`` gives all ones.
+        margin: pixels at each inner edge given zero weight (edge effects of the model); clamped to
+            ``overlap // 2``. The ramp spans the ``overlap - 2 * margin`` pixels in between.
+        open_start: the start of this side lies on the grid edge: no neighbour there, so no taper (all ones).
+        open_end: the same for the end.
 
     Returns:
-        ``(size,)`` float64 weights in ``(0, 1]``; ``w[d] = sin^2(pi/2 * (d + 0.5) / overlap)`` for a pixel ``d``
-        pixels from the nearest edge (``d < overlap``), so ``w[d] + w[overlap - 1 - d] == 1``.
+        ``(size,)`` float64 weights in ``[0, 1]``; for a pixel ``d`` pixels from a tapered end,
+        ``w[d] = sin^2(pi/2 * (d - margin + 0.5) / (overlap - 2 margin))`` on the ramp, so
+        ``w[d] + w[overlap - 1 - d] == 1``. Without margin the weights never reach zero.
     """
     overlap = min(int(overlap), size // 2)
+    margin = min(int(margin), overlap // 2)
     w = np.ones(size, dtype=np.float64)
     if overlap <= 0:
         return w
-    d = np.minimum(np.arange(size), np.arange(size)[::-1])  # distance to the nearest edge
-    ramp = d < overlap
-    w[ramp] = np.sin(0.5 * np.pi * (d[ramp] + 0.5) / overlap) ** 2
+    ramp_len = overlap - 2 * margin
+    idx = np.arange(size)
+    for d, is_open in ((idx, open_start), (idx[::-1], open_end)):  # distance from the start / from the end
+        if is_open:
+            continue
+        part = np.ones(size)
+        part[d < margin] = 0.0
+        on_ramp = (d >= margin) & (d < overlap - margin)
+        part[on_ramp] = np.sin(0.5 * np.pi * (d[on_ramp] - margin + 0.5) / ramp_len) ** 2
+        w = np.minimum(w, part)
     return w
 
 
-@lru_cache(maxsize=8)
-def tile_weights(tile_size: int, overlap: int) -> np.ndarray:
-    """Separable 2-D taper of one tile: ``(S, S)`` float64, the outer product of two :func:`taper_1d` (read-only)."""
-    w = taper_1d(tile_size, overlap)
-    out = np.outer(w, w)
-    out.flags.writeable = False  # shared through the cache
+@lru_cache(maxsize=64)
+def tile_weights(
+    tile_size: int, overlap: int, margin: int = 0, open_sides: tuple[bool, bool, bool, bool] = (False,) * 4
+) -> np.ndarray:
+    """Separable 2-D taper of one tile: ``(S, S)`` float64 (read-only, shared through a cache).
+
+    Args:
+        tile_size: tile side ``S``.
+        overlap: taper width (see :func:`taper_1d`).
+        margin: zero-weight band at inner edges.
+        open_sides: ``(top, bottom, left, right)``: which sides lie on the grid edge (no taper there).
+    """
+    top, bottom, left, right = open_sides
+    out = np.outer(taper_1d(tile_size, overlap, margin, top, bottom), taper_1d(tile_size, overlap, margin, left, right))
+    out.flags.writeable = False
     return out
+
+
+def open_sides(origin: tuple[int, int], tile_size: int, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
+    """``(top, bottom, left, right)``: which sides of a tile reach or cross the edge of a ``shape`` grid."""
+    r, c = (int(v) for v in origin)
+    return r <= 0, r + tile_size >= shape[0], c <= 0, c + tile_size >= shape[1]
 
 
 def clip_window(origin: tuple[int, int], tile_size: int, window: tuple[slice, slice]) -> tuple[slice, ...] | None:
@@ -101,7 +130,13 @@ def normalise(acc_CHW: np.ndarray, wsum_HW: np.ndarray) -> np.ndarray:
 
 
 def normalised_weights(
-    origins: np.ndarray, tile_size: int, overlap: int, shape: tuple[int, int], *, blend: bool = True
+    origins: np.ndarray,
+    tile_size: int,
+    overlap: int,
+    shape: tuple[int, int],
+    *,
+    blend: bool = True,
+    margin: int = 0,
 ) -> np.ndarray:
     """Per-tile normalised weights on a whole (small) grid; for tests and diagnostics.
 
@@ -110,14 +145,16 @@ def normalised_weights(
         tile_size: tile side ``S``.
         overlap: taper width (ignored if ``blend`` is false: flat weights, a plain average).
         shape: ``(H, W)`` of the output grid.
+        blend: taper (default) or flat weights.
+        margin: zero-weight band at inner tile edges.
 
     Returns:
         ``(N, H, W)`` float64; sums to one over tiles wherever any tile covers, zero elsewhere.
     """
-    weight = tile_weights(tile_size, overlap if blend else 0)
     window = (slice(0, shape[0]), slice(0, shape[1]))
     per_tile = np.zeros((len(origins), *shape))
     for i, origin in enumerate(origins):
+        weight = tile_weights(tile_size, overlap if blend else 0, margin, open_sides(origin, tile_size, shape))
         sl = clip_window(tuple(origin), tile_size, window)
         if sl is not None:
             tr, tc, wr, wc = sl

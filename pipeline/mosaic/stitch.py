@@ -12,7 +12,8 @@ Mosaic layout (``mosaic.zarr``, opens with ``xr.open_zarr(url, decode_coords="al
     classes  (y, x) uint8           segmentation / change only: argmax over ``band`` (255 = no data)
     x, y                            pixel-centre coordinates in the grid CRS (from the grid transform)
     spatial_ref                     CRS (``rio.write_crs``) and GeoTransform
-    attrs                           kind, channels, tile_size, overlap, blend, grid, provenance, tiles_url, n_tiles
+    attrs                           kind, channels, tile_size, overlap, margin, context_radius, blend, grid,
+                                    provenance, tiles_url, n_tiles
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from pipeline.mosaic.blend import accumulate, clip_window, normalise, tile_weights
+from pipeline.mosaic.blend import accumulate, clip_window, normalise, open_sides, tile_weights
 from pipeline.mosaic.tiles import TileStore, open_tile_store, store_path
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,18 @@ def _tiles_by_block(
     return out
 
 
-def _blend_block(data, valid, taper: tuple[int, int], tiles, bands: slice, window: tuple[slice, slice]) -> np.ndarray:
+def _blend_block(data, valid, taper: tuple, tiles, bands: slice, window: tuple[slice, slice]) -> np.ndarray:
     """``(b, h, w)`` float32 blended values of one output block (NaN where uncovered).
 
-    ``taper`` is ``(tile_size, overlap)`` of :func:`tile_weights`; ``tiles`` is ``(k, 3)`` ``(index, row, col)``.
+    ``taper`` is ``(tile_size, overlap, margin, grid shape)``; ``tiles`` is ``(k, 3)`` ``(index, row, col)``.
     """
     h, w = (s.stop - s.start for s in window)
-    weight = tile_weights(*taper)
+    size, overlap, margin, shape = taper
     acc = np.zeros((bands.stop - bands.start, h, w))
     wsum = np.zeros((h, w))
     for index, r, c in tiles.tolist():
-        sl = clip_window((r, c), weight.shape[0], window)
+        weight = tile_weights(size, overlap, margin, open_sides((r, c), size, shape))
+        sl = clip_window((r, c), size, window)
         if sl is None:
             continue
         tr, tc, wr, wc = sl
@@ -130,7 +132,7 @@ def mosaic_dataset(store: TileStore, chunks: int = 512, *, blend: bool = True) -
     bstarts = np.cumsum((0, *bchunks))
 
     data, valid = store.group["data"], store.group["valid"]
-    taper = (store.tile_size, store.overlap if blend else 0)
+    taper = (store.tile_size, store.overlap if blend else 0, store.margin if blend else 0, (height, width))
     by_block = _tiles_by_block(store, ychunks, xchunks)
 
     def blocks(key) -> np.ndarray:  # (k, 3) (index, row, col)
@@ -166,6 +168,8 @@ def mosaic_dataset(store: TileStore, chunks: int = 512, *, blend: bool = True) -
         "channels": store.channels,
         "tile_size": store.tile_size,
         "overlap": store.overlap,
+        "margin": store.margin,
+        "context_radius": store.context_radius,
         "blend": blend,
         "grid": {"crs": store.crs, "transform": list(t)[:6], "height": height, "width": width},
         "provenance": store.provenance,

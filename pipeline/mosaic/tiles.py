@@ -3,7 +3,7 @@
 Layout read here (written by ``pipeline.infer``)::
 
     {job}/tiles.zarr            Zarr v3 group; attrs grid {crs, transform, height, width}, kind, channels,
-                                tile_size, overlap, provenance
+                                tile_size, overlap, margin, context_radius, provenance
         data    (N, C, S, S) float32, one chunk per tile
         origin  (N, 2) int64    (row, col) of each tile's top-left pixel on the output grid
         valid   (N, S, S) uint8
@@ -69,6 +69,8 @@ class TileStore:
     origins: np.ndarray  # (N, 2) int64
     done: np.ndarray  # (M,) int64 row indices of done tiles, sorted
     tile_ids: dict[int, str] = field(default_factory=dict)
+    margin: int = 0  # zero-weight band at inner tile edges (blending)
+    context_radius: int | None = None  # stage-3/4 neighbourhood radius the tiles were computed with (None: global)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -153,6 +155,8 @@ def open_tile_store(tiles_url: str) -> TileStore:
         channels=[str(c) for c in attrs["channels"]],
         tile_size=int(attrs["tile_size"]),
         overlap=int(attrs.get("overlap", 0)),
+        margin=int(attrs.get("margin", 0)),
+        context_radius=attrs.get("context_radius"),
         provenance=dict(attrs.get("provenance", {})),
         origins=origins,
         done=done,

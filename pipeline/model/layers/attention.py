@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .local_attention import LocalGrid, local_attention
 from .mlp import DropPath, Mlp
 
 
@@ -22,14 +23,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """x: (B, N, C); key_mask: (B, N) bool, True = may be attended to."""
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, local: LocalGrid | None = None) -> Tensor:
+        """x: (B, N, C); key_mask: (B, N) bool, True = may be attended to; ``local``: neighbourhood attention."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, N, head_dim)
+        if local is not None:
+            if key_mask is not None:
+                raise ValueError("local attention takes no key mask")
+            x = local_attention(q, k, v, local)
+        else:
+            mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
+            )  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -52,7 +58,7 @@ class Block(nn.Module):
         self.mlp = ffn_layer(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, local: LocalGrid | None = None) -> Tensor:
         """x: (B, N, C) -> (B, N, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
+        x = x + self.drop_path(self.attn(self.norm1(x), key_mask, local))
         return x + self.drop_path(self.mlp(self.norm2(x)))
