@@ -203,7 +203,7 @@ def run_job(
         margin=job.tiles.margin_px, context_radius=job.tiles.context_radius, batch_size=job.batch_size,
         actors=job.actors, gpus_per_actor=job.gpus_per_actor,
         num_classes=job.output.num_classes, class_names=job.output.class_names, address=address,
-        max_attempts=max_attempts, progress=progress,
+        max_attempts=max_attempts, batch_timeout=job.batch_timeout_s, progress=progress,
     )  # fmt: skip
     summary.inference, summary.area_km2 = r, r.area_km2
     detail = (

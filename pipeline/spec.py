@@ -168,6 +168,8 @@ class JobSpec(_Strict):
         batch_size: tiles per model call.
         actors: inference actors (Ray).
         gpus_per_actor: GPUs per actor (fractions allowed; 0 runs on CPU).
+        batch_timeout_s: seconds one batch may run on an actor before the actor counts as hung: it is killed and
+            restarted, and the batch's tiles are retried (``null``: wait forever).
 
     """
 
@@ -186,6 +188,7 @@ class JobSpec(_Strict):
     batch_size: int = Field(8, gt=0)
     actors: int = Field(1, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    batch_timeout_s: float | None = Field(1800.0, gt=0)
 
     @field_validator("region")
     @classmethod

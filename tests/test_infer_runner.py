@@ -68,6 +68,23 @@ def test_dead_actors_are_retried_and_poison_tiles_reported(
     assert after[4]["status"] == "done" and after[4]["attempts"] == 3
 
 
+def test_a_hung_actor_is_killed_and_its_tile_reported(
+    local_ray: None, data: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "3:hang")  # the worker sleeps forever on tile 3
+    out = tmp_path / "out"
+    report = run_inference(
+        cube_url=data["cube"], output_url=str(out), checkpoint=data["checkpoint"], modalities=["s2"],
+        periods=[("2015-07-01", "2015-09-30")], tile_size=24, overlap=4, batch_size=2, actors=1, max_attempts=2,
+        batch_timeout=8.0, progress=False,
+    )  # fmt: skip
+    assert report.total == 9 and report.skipped == 1 and report.done == 7
+    assert list(report.failed) == [3] and "timed out" in report.failed[3]
+    records = TileManifest(str(out)).read_all()
+    assert records[3]["status"] == "failed" and records[3]["attempts"] == 2
+    assert all(r["status"] != "failed" for t, r in records.items() if t != 3)
+
+
 def test_cli_run_exits_nonzero_on_failed_tiles(
     local_ray: None,
     data: dict[str, str],

@@ -11,7 +11,8 @@ level.
 
 Fault injection (tests, drills): ``faults={tile_id: mode}`` with mode ``exit`` (the worker process dies with
 ``os._exit(1)`` whenever it is about to run that tile), ``exit-once`` (dies the first time only; a marker under
-``manifest/faults/`` remembers it across restarts) or ``raise`` (the tile raises an error). The runner fills it from
+``manifest/faults/`` remembers it across restarts), ``raise`` (the tile raises an error) or ``hang`` (the worker
+sleeps forever on that tile, for the pool's batch timeout). The runner fills it from
 the ``SKYPIPE_FAULT_TILES`` environment variable, e.g. ``SKYPIPE_FAULT_TILES="3:exit-once,7:exit"``.
 """
 
@@ -40,7 +41,7 @@ from pipeline.model.skysense import ModalityInput
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "SKYPIPE_FAULT_TILES"
-FAULT_MODES = ("exit", "exit-once", "raise")
+FAULT_MODES = ("exit", "exit-once", "raise", "hang")
 Work = Sequence[tuple[int, int]]  # (tile id, attempt number)
 
 
@@ -179,6 +180,10 @@ class TileProcessor:
         mode = self.faults.get(tile_id)
         if mode == "raise":
             raise RuntimeError(f"injected fault on tile {tile_id} ({FAULT_ENV})")
+        if mode == "hang":
+            log.error("injected fault: worker %s hangs on tile %d", self.worker, tile_id)
+            while True:
+                time.sleep(3600)
         if mode == "exit-once":
             marker = join(self.output_url, "manifest", "faults", f"{tile_id}.fired")
             fs, path = fsspec.core.url_to_fs(marker)

@@ -4,7 +4,9 @@ Each actor gets its next batch together with the batch after it (``reserved``), 
 prefetch thread; an idle actor steals a batch another actor has only reserved. A batch whose actor died is requeued
 tile by tile, so one poisonous tile cannot use up the attempts of its neighbours; tiles whose manifest record says
 finished are never requeued. Ray restarts a dead actor up to ``max_restarts`` times (the pool waits for it to
-answer a liveness probe); after that the pool replaces it with a fresh actor.
+answer a liveness probe); after that the pool replaces it with a fresh actor. An actor that hangs (a batch running
+longer than ``batch_timeout`` seconds: a stuck GPU, a storage call that never returns) is killed and handled like
+a dead one, its tiles charged with a "timed out" attempt.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class _Slot:
     ready: bool = False
     deaths: int = 0
     init_failures: int = 0
+    started: float = 0.0  # monotonic time the current batch was sent
+    hung: str | None = None  # why the pool killed this actor, if it did
 
 
 class ActorPool:
@@ -39,9 +43,10 @@ class ActorPool:
 
     def __init__(
         self, make_actor: Any, n: int, *, manifest: TileManifest, base: dict[int, int], max_restarts: int,
-        max_attempts: int, bar: tqdm,
+        max_attempts: int, bar: tqdm, batch_timeout: float | None = None,
     ) -> None:  # fmt: skip
         self.make_actor, self.manifest, self.base, self.bar = make_actor, manifest, base, bar
+        self.batch_timeout = batch_timeout
         self.max_restarts, self.max_attempts = max_restarts, max_attempts
         self.queue: deque[list[int]] = deque()
         self.tries: dict[int, int] = {}
@@ -76,6 +81,7 @@ class ActorPool:
         if work is None:
             return
         slot.work, slot.reserved = work, self._next()
+        slot.started = time.monotonic()
         self.calls[slot.handle.process.remote(work, slot.reserved)] = slot
 
     def _fail(self, tile_id: int, error: str) -> None:
@@ -93,7 +99,9 @@ class ActorPool:
 
     def _on_death(self, slot: _Slot, err: BaseException) -> None:
         """The actor died holding ``slot.work``: charge one attempt per unfinished tile, retry them one by one."""
-        log.warning("actor died while running tiles %s: %s", [t for t, _ in slot.work or []], first_line(err))
+        reason = slot.hung or f"worker died while running this tile: {type(err).__name__}: {first_line(err)}"
+        slot.hung = None
+        log.warning("actor lost while running tiles %s: %s", [t for t, _ in slot.work or []], reason)
         if slot.reserved:
             self.queue.appendleft([t for t, _ in slot.reserved])
         for tile_id, _ in reversed(slot.work or []):
@@ -101,8 +109,7 @@ class ActorPool:
             if rec is not None and rec.get("status") in ("done", "skipped"):
                 self.bar.update(1)  # finished before the actor died: never recomputed
                 continue
-            self._retry(tile_id, f"worker died while running this tile: {type(err).__name__}: {first_line(err)}",
-                        front=True)  # fmt: skip
+            self._retry(tile_id, reason, front=True)
         slot.work = slot.reserved = None
         slot.deaths += 1
         if slot.deaths > self.max_restarts:
@@ -151,7 +158,8 @@ class ActorPool:
         import ray
 
         while self.queue or self.calls or self.probes or any(s.reserved for s in self.slots):
-            ready, _ = ray.wait([*self.calls, *self.probes], num_returns=1, timeout=5.0)
+            wait = 5.0 if self.batch_timeout is None else min(5.0, max(self.batch_timeout / 4, 0.1))
+            ready, _ = ray.wait([*self.calls, *self.probes], num_returns=1, timeout=wait)
             for ref in ready:
                 if ref in self.probes:
                     self._on_probe(self.probes.pop(ref), ref)
@@ -164,9 +172,26 @@ class ActorPool:
                 except ray.exceptions.RayTaskError as err:  # a bug outside the per-tile error handling
                     self._on_result(slot, [{"tile_id": t, "status": "error", "error": first_line(err)}
                                            for t, _ in slot.work or []])  # fmt: skip
+            self._kill_hung()
             for slot in self.slots:
                 if slot.ready and slot.work is None:
                     self._dispatch(slot)
+
+    def _kill_hung(self) -> None:
+        """Kill (for Ray to restart) every actor whose batch has run longer than ``batch_timeout``.
+
+        Its pending call then fails with ``RayActorError`` and goes through :meth:`_on_death`.
+        """
+        import ray
+
+        if self.batch_timeout is None:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.work is not None and slot.hung is None and now - slot.started > self.batch_timeout:
+                slot.hung = f"timed out: the batch ran longer than {self.batch_timeout:g} s (actor killed)"
+                log.warning("actor hung on tiles %s; killing it", [t for t, _ in slot.work])
+                ray.kill(slot.handle, no_restart=False)
 
     def shutdown(self) -> None:
         """Kill every actor."""

@@ -7,7 +7,8 @@ which it starts reading in its prefetch thread while the model runs.
 
 Failures: a batch whose actor died (``RayActorError``) is requeued tile by tile (so one poisonous tile cannot sink
 its neighbours) on whichever actor is live; Ray restarts dead actors (``max_restarts``) and the driver replaces
-actors whose restarts are used up. A tile that failed ``max_attempts`` times is recorded ``failed`` with its last
+actors whose restarts are used up; an actor stuck on one batch for ``batch_timeout`` seconds is killed and counts as
+dead. A tile that failed ``max_attempts`` times is recorded ``failed`` with its last
 error and reported at the end; the run never waits on it forever.
 
 Ray: a local instance pinned to loopback by default; ``address`` (or ``RAY_ADDRESS``) connects to a cluster,
@@ -201,6 +202,7 @@ def run_inference(
     address: str | None = None,
     max_attempts: int = 3,
     max_restarts: int = 2,
+    batch_timeout: float | None = None,
     progress: bool = True,
     faults: Mapping[int, str] | None = None,
 ) -> InferenceReport:
@@ -237,6 +239,7 @@ def run_inference(
             failed, nodes = _run_pool(
                 pending, worker_kwargs, manifest, base, bar, batch_size=batch_size, actors=actors, gpus=gpus_per_actor,
                 cpus=cpus_per_actor, address=address, max_attempts=max_attempts, max_restarts=max_restarts,
+                batch_timeout=batch_timeout,
             )  # fmt: skip
         finally:
             bar.close()
@@ -271,6 +274,7 @@ def _run_pool(
     address: str | None,
     max_attempts: int,
     max_restarts: int,
+    batch_timeout: float | None = None,
 ) -> tuple[dict[int, str], set[str]]:
     """Start the actors and run the pool; returns failed tiles (id -> error) and the nodes that ran tiles."""
     import ray
@@ -286,7 +290,7 @@ def _run_pool(
         threads = max(1, int(cpus))
         pool = ActorPool(
             lambda: remote.remote(threads=threads, gpus=gpus, **worker_kwargs), actors, manifest=manifest, base=base,
-            max_restarts=max_restarts, max_attempts=max_attempts, bar=bar,
+            max_restarts=max_restarts, max_attempts=max_attempts, bar=bar, batch_timeout=batch_timeout,
         )  # fmt: skip
         pool.queue.extend(pending[i : i + batch_size] for i in range(0, len(pending), batch_size))
         pool.run()
