@@ -1,13 +1,14 @@
 """Inference stage throughput: end to end (read Zarr + model + write tiles) vs the bare model forward.
 
     python benchmarks/bench_infer.py [--configs skysense_v2_tiny skysense_v2_base] [--tile 64] [--tiles 8]
-                                     [--device cpu|cuda] [--cube CUBE] [--out results.json]
+                                     [--contexts 8 global] [--device cpu|cuda] [--cube CUBE] [--out results.json]
 
 Both run in one process on the same tiles with the same per-tile micro-batching: the end-to-end pass is
 :class:`pipeline.infer.actor.TileProcessor` (the per-batch logic the Ray actors wrap: a prefetch thread reads the
 next batch while the model runs, then tiles and manifest records are written); the bare pass calls the same model on
 inputs read beforehand. The two alternate batch by batch, so drift of a shared machine hits both sides alike.
-km2/h counts each tile's new ground only (stride = tile - overlap) at 10 m pixels.
+km2/h counts each tile's new ground only (stride = tile - overlap) at 10 m pixels. ``--contexts`` lists the stage-3/4
+attention modes to time: a neighbourhood radius (local context, the job default) and/or ``global``.
 The cube defaults to the Sen1Floods11 S1 + S2 cube (``skypipe cube build jobs/cube-sen1floods11.yaml``); without it,
 a cube is written from the eo-learn Slovenia S2 scenes (tests/infer_fixtures.py).
 """
@@ -60,13 +61,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def bench(config: str, cube: str, modalities: list[str], period: tuple[str, str], args: argparse.Namespace) -> dict:
+def bench(
+    config: str, cube: str, modalities: list[str], period: tuple[str, str], args: argparse.Namespace,
+    radius: int | None = None,
+) -> dict:  # fmt: skip
     """One model configuration: a warm-up tile, then bare and end-to-end passes alternating per batch."""
     device = pick_device(1.0 if args.device == "cuda" else 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         common = {"cube_url": cube, "checkpoint": config, "kind": "embeddings", "modalities": modalities,
                   "periods": [period]}  # fmt: skip
-        plan = prepare_store(**common, output_url=tmp, tile_size=args.tile, overlap=args.overlap)
+        plan = prepare_store(**common, output_url=tmp, tile_size=args.tile, overlap=args.overlap, context_radius=radius)
         proc = TileProcessor(**common, output_url=tmp, device=device)
         tiles = locality_order(plan.tiles, plan.grid.chunks)
         items = []
@@ -112,7 +116,8 @@ def bench(config: str, cube: str, modalities: list[str], period: tuple[str, str]
     n = len(items)
     km2_per_tile = ((args.tile - args.overlap) * 10 / 1000) ** 2
     return {
-        "config": config, "device": str(device), "tile": args.tile, "overlap": args.overlap, "tiles": n,
+        "config": config, "context": "global" if radius is None else f"local r={radius}", "device": str(device),
+        "tile": args.tile, "overlap": args.overlap, "tiles": n,
         "modalities": modalities, "dates": {m: len(v) for m, v in proc.reader.dates(0).items()},
         "bare_tiles_per_s": n / bare_s, "e2e_tiles_per_s": n / e2e_s, "ratio": bare_s / e2e_s,
         "median_batch_ratio": statistics.median(pairs), "batch_ratios": pairs,
@@ -129,13 +134,15 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=8)
     p.add_argument("--tiles", type=int, default=8, help="timed tiles per configuration")
     p.add_argument("--batch", type=int, default=4, help="tiles per processor batch")
+    p.add_argument("--contexts", nargs="+", default=["8", "global"], help="radius (local context) or 'global'")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--cube", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cube, modalities, period = _cube(args.cube, Path(tmp))
-        results = [bench(c, cube, modalities, period, args) for c in args.configs]
+        radii = [None if c == "global" else int(c) for c in args.contexts]
+        results = [bench(c, cube, modalities, period, args, r) for c in args.configs for r in radii]
     meta = {
         "date": dt.date.today().isoformat(), "cpu": _cpu_name(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cube": cube,
@@ -143,7 +150,8 @@ def main() -> None:
     }  # fmt: skip
     for r in results:
         print(
-            f"{r['config']:<18} {r['device']:<5} tile {r['tile']} x{r['tiles']}: end-to-end {r['e2e_tiles_per_s']:.3f}"
+            f"{r['config']:<18} {r['context']:<10} {r['device']:<5} tile {r['tile']} x{r['tiles']}:"
+            f" end-to-end {r['e2e_tiles_per_s']:.3f}"
             f" tiles/s ({r['e2e_km2_per_h']:.1f} km2/h), bare forward {r['bare_tiles_per_s']:.3f} tiles/s"
             f" ({r['bare_km2_per_h']:.1f} km2/h), ratio {r['ratio']:.2f} (median per batch"
             f" {r['median_batch_ratio']:.2f}, CPU time {r['cpu_ratio']:.2f});"
