@@ -44,6 +44,7 @@ import numpy as np
 import rasterio
 import rasterio.warp
 import rio_stac
+from machine import cpu_name
 from odc.geo.geobox import GeoboxTiles
 from pyproj import Transformer
 from rasterio.windows import from_bounds
@@ -283,8 +284,7 @@ def main() -> None:
                 item.add_asset(b, other.assets[b])
             items.append(item)
 
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
+        cpu = cpu_name()
         load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
         print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {dt.date.today()}")
         print(

@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import zarr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name  # noqa: E402
 
 from pipeline.infer.actor import TileProcessor, pick_device  # noqa: E402
 from pipeline.infer.runner import prepare_store  # noqa: E402
@@ -49,16 +50,6 @@ def _cube(path: str | None, tmp: Path) -> tuple[str, list[str], tuple[str, str]]
     from infer_fixtures import write_cube
 
     return write_cube(tmp / "cube.zarr", size=(101, 100), nodata_corner=0), ["s2"], ("2015-07-01", "2015-09-30")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench(
@@ -144,7 +135,7 @@ def main() -> None:
         radii = [None if c == "global" else int(c) for c in args.contexts]
         results = [bench(c, cube, modalities, period, args, r) for c in args.configs for r in radii]
     meta = {
-        "date": dt.date.today().isoformat(), "cpu": _cpu_name(), "cores": os.cpu_count(),
+        "date": dt.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cube": cube,
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
     }  # fmt: skip

@@ -27,6 +27,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_name
+
 from pipeline.model.layers.moe import MoEFeedForward, moe_loop_reference
 from pipeline.model.layers.window_attention import SwinV2Block
 
@@ -210,16 +212,8 @@ def bench_moe(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info = {
-        "cpu_model": cpu,
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -231,7 +225,7 @@ def machine_info(device: torch.device) -> dict:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["capability"] = list(torch.cuda.get_device_capability(device))
     else:
-        info["device_name"] = cpu
+        info["device_name"] = info["cpu_model"]
     try:
         import timm
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 
 from pipeline.model import ModalityInput, create_model
 from pipeline.ssl import MultiViewAugment, SSLMetaArch, param_groups
@@ -26,16 +26,6 @@ from pipeline.train.data import MixedDataset, StepBatchSampler, make_loader, mea
 from pipeline.train.sources import ImageFolderSource
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(name: str, overrides: dict, ssl: dict, augment: dict) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
