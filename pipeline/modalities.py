@@ -10,10 +10,21 @@ S1 is backscatter in dB with the SSL4EO-S12 S1 statistics.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
 
 import numpy as np
+
+GRID_GSD = 10.0
+"""Footprint in metres of one token of the shared stage-3/4 grid: one 10 m Sentinel pixel [ours]."""
+
+HR_GSDS: tuple[float, ...] = tuple(GRID_GSD / (4 * 2**n) for n in range(4))
+"""HR pixel sizes the model accepts: 2.5, 1.25, 0.625 and 0.3125 m. HR is tokenised in 4 x 4 patches and its tokens
+are merged 2 x 2 up to three times before they meet the 10 m tokens, so an HR pixel must be ``10 m / (4 * 2**n)``."""
+
+SENTINEL_GSDS: tuple[float, ...] = tuple(GRID_GSD * 2.0**k for k in range(-2, 4))
+"""Resolutions accepted for S2 / S1 cubes: 2.5 ... 80 m, powers of two around the 10 m grid."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +38,18 @@ class ModalitySpec:
         mean: per-band mean subtracted during normalisation (in ``units``).
         std: per-band standard deviation (in ``units``).
         gsd: nominal ground sampling distance in metres.
-        temporal: whether the modality is a time series (S2, S1) or usually a single acquisition (HR).
+        temporal: whether the modality is a time series (S2, S1) or usually a single acquisition (HR): a single
+            acquisition outside the job's time range is still used (a basemap), and training samples take one date.
         nodata: value marking missing pixels in the source data; None means NaN marks them (float cubes).
+        family: ``optical`` (colour jitter in pre-training) or ``sar`` (speckle).
+        patch_size: tokenizer patch side in pixels.
+        resolutions: cube pixel sizes (metres) the model accepts for this modality.
+        default_resolution: cube pixel size when the job gives none; ``None``: the source's native GSD snapped to
+            the nearest of ``resolutions``.
+        snap_resolution: a requested resolution is snapped to the nearest allowed one (HR imagery comes at any
+            GSD) instead of being refused when it is not one of ``resolutions``.
+        quicklook: three channels of the modality's RGB picture: band names, or ``A-B`` for a band difference.
+        optional_bands: bands a catalog may also feed after ``bands`` (a model variant may use them, e.g. HR NIR).
 
     """
 
@@ -41,6 +62,13 @@ class ModalitySpec:
     temporal: bool = True
     nodata: float | None = None
     description: str = field(default="", compare=False)
+    family: Literal["optical", "sar"] = "optical"
+    patch_size: int = 1
+    resolutions: tuple[float, ...] = SENTINEL_GSDS
+    default_resolution: float | None = GRID_GSD
+    snap_resolution: bool = False
+    quicklook: tuple[str, str, str] | None = None
+    optional_bands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.bands) == len(self.mean) == len(self.std)):
@@ -49,6 +77,31 @@ class ModalitySpec:
             )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"modality {self.name!r}: std must be positive, got {self.std}")
+        if not self.resolutions or any(r <= 0 for r in self.resolutions):
+            raise ValueError(f"modality {self.name!r}: resolutions must be positive, got {self.resolutions}")
+
+    @property
+    def known_bands(self) -> tuple[str, ...]:
+        """Every band a catalog may feed for this modality, in order: the model's bands, then optional ones."""
+        return (*self.bands, *self.optional_bands)
+
+    def nearest_resolution(self, gsd: float) -> float:
+        """The allowed resolution nearest to ``gsd`` in log space."""
+        if not gsd > 0:
+            raise ValueError(f"modality {self.name!r}: GSD must be positive, got {gsd}")
+        return min(self.resolutions, key=lambda g: abs(math.log(gsd / g)))
+
+    def check_resolution(self, res: float) -> float:
+        """A requested cube resolution, snapped when the modality snaps, else checked against ``resolutions``.
+
+        Raises:
+            ValueError: naming the allowed resolutions.
+        """
+        if self.snap_resolution:
+            return self.nearest_resolution(float(res))
+        if float(res) not in self.resolutions:
+            raise ValueError(f"resolution.{self.name} must be one of {list(self.resolutions)} m, got {res}")
+        return float(res)
 
     @property
     def num_bands(self) -> int:
@@ -75,15 +128,24 @@ class ModalitySpec:
         d["bands"] = list(self.bands)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        for key in ("resolutions", "optional_bands"):
+            d[key] = list(d[key])
+        d["quicklook"] = None if self.quicklook is None else list(self.quicklook)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModalitySpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; facts missing from older dicts come from the default modality of that name."""
         d = dict(d)
+        default = DEFAULT_MODALITIES.get(d.get("name", ""))
+        if default is not None:
+            d = {f.name: getattr(default, f.name) for f in fields(cls) if f.name not in d} | d
         d["bands"] = tuple(d["bands"])
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
+        for key in ("resolutions", "optional_bands", "quicklook"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def with_bands(self, bands: tuple[str, ...] | list[str]) -> ModalitySpec:
@@ -113,6 +175,9 @@ class BandMismatchError(ValueError):
         self.expected = expected
 
 
+DEFAULT_MODALITIES: dict[str, ModalitySpec] = {}
+"""The modalities a SkySense V2 model knows by default, keyed by name (order = fusion order); filled below."""
+
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -126,6 +191,12 @@ HR = ModalitySpec(
     gsd=0.625,
     temporal=False,
     description="high-resolution optical RGB (any GSD ~0.1-2.5 m; resampled to a power-of-two fraction of the grid)",
+    patch_size=4,
+    resolutions=HR_GSDS,
+    default_resolution=None,
+    snap_resolution=True,
+    quicklook=("R", "G", "B"),
+    optional_bands=("N",),
 )
 
 # [ours] NIR for RGBN imagery: ImageNet has no NIR; use the mean/std of the red channel as a neutral choice.
@@ -134,6 +205,7 @@ HR_RGBN = replace(
     bands=("R", "G", "B", "N"),
     mean=(*HR.mean, HR.mean[0]),
     std=(*HR.std, HR.std[0]),
+    optional_bands=(),
 )
 
 S2 = ModalitySpec(
@@ -144,6 +216,7 @@ S2 = ModalitySpec(
     std=(1155.1517, 1183.6293, 1368.1135, 1370.2650, 1355.5539, 1416.5149, 1474.7890, 1439.3086, 1455.5208, 1343.4838),
     gsd=10.0,
     description="Sentinel-2 L2A, 10 bands resampled to 10 m",
+    quicklook=("B04", "B03", "B02"),  # true colour
 )
 
 S1 = ModalitySpec(
@@ -154,13 +227,11 @@ S1 = ModalitySpec(
     std=(5.2570, 5.9115),
     gsd=10.0,
     description="Sentinel-1 IW GRD, VV and VH in dB",
+    family="sar",
+    quicklook=("VV", "VH", "VV-VH"),  # false colour; VV-VH in dB is the VV/VH ratio
 )
 
-DEFAULT_MODALITIES: dict[str, ModalitySpec] = {m.name: m for m in (HR, S2, S1)}
-"""The modalities a SkySense V2 model knows by default, keyed by name (order = fusion order)."""
-
-# Grid of the shared stage-3/4 tokens: one token per 10 m Sentinel pixel [ours].
-GRID_GSD = 10.0
+DEFAULT_MODALITIES.update({m.name: m for m in (HR, S2, S1)})
 
 
 def get_modality(name: str) -> ModalitySpec:

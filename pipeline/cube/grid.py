@@ -19,13 +19,11 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 from pyproj import CRS, Transformer
 
-from pipeline.modalities import GRID_GSD
+from pipeline.modalities import GRID_GSD, HR, HR_GSDS, SENTINEL_GSDS
 
-HR_GSDS: tuple[float, ...] = tuple(GRID_GSD / (4 * 2**n) for n in range(4))
-"""HR pixel sizes the model accepts: 2.5, 1.25, 0.625 and 0.3125 m."""
-
-SENTINEL_GSDS: tuple[float, ...] = tuple(GRID_GSD * 2.0**k for k in range(-2, 4))
-"""Resolutions accepted for S2 / S1 cubes: 2.5 ... 80 m, powers of two around the 10 m grid."""
+__all__ = [
+    "HR_GSDS", "SENTINEL_GSDS", "CubeGrid", "native_gsd", "normalize_crs", "region_grid", "snap_hr_gsd", "utm_crs",
+]  # fmt: skip
 
 
 def utm_crs(lon: float, lat: float) -> str:
@@ -48,9 +46,7 @@ def normalize_crs(crs: str | int) -> str:
 
 def snap_hr_gsd(gsd: float) -> float:
     """The allowed HR GSD (see :data:`HR_GSDS`) nearest to ``gsd`` in log space."""
-    if not gsd > 0:
-        raise ValueError(f"HR GSD must be positive, got {gsd}")
-    return min(HR_GSDS, key=lambda g: abs(math.log(gsd / g)))
+    return HR.nearest_resolution(gsd)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Any
 
 from pipeline.modalities import DEFAULT_MODALITIES, GRID_GSD, ModalitySpec
 
+_DEFAULTS = tuple(DEFAULT_MODALITIES.values())
+
 
 @dataclass(frozen=True)
 class SkySenseConfig:
@@ -48,7 +50,7 @@ class SkySenseConfig:
     top_k: int = 1
     moe_aux_weight: float = 0.01
     num_prompts: int = 4
-    patch_sizes: dict[str, int] = field(default_factory=lambda: {"hr": 4, "s2": 1, "s1": 1})
+    patch_sizes: dict[str, int] = field(default_factory=lambda: {m.name: m.patch_size for m in _DEFAULTS})
     grid_gsd: float = GRID_GSD
     modalities: tuple[ModalitySpec, ...] = tuple(DEFAULT_MODALITIES.values())
     fusion_dim: int = 384
