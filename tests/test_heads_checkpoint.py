@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
 
 from pipeline.modalities import BandMismatchError
 from pipeline.model import ModalityInput, create_model
-from pipeline.model.checkpoint import checkpoint_sha256, load_checkpoint, read_checkpoint, save_checkpoint
+from pipeline.model.checkpoint import (
+    CheckpointError,
+    checkpoint_sha256,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from pipeline.model.heads import build_task
 
+COMMITTED = Path(__file__).resolve().parents[1] / "checkpoints" / "skysense_v2_tiny_ssl.pt"
 MICRO = {"dims": (32, 64, 96, 128), "depths": (1, 1, 1, 1), "moe_blocks": 1, "fusion_dim": 64, "fusion_heads": 2}
 
 
@@ -55,6 +66,72 @@ def test_bad_checkpoints_fail_clearly(tmp_path) -> None:
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match=r"not a skypipe\.checkpoint/1 checkpoint"):
         read_checkpoint(tmp_path / "foreign.pt")
+
+
+def _data_offset(data: bytes, info: zipfile.ZipInfo) -> int:
+    """Where a stored zip member's bytes start: after its local header (30 bytes + name + extra field)."""
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def test_corrupted_checkpoint_is_refused(tmp_path) -> None:
+    torch.manual_seed(0)
+    good = tmp_path / "good.pt"
+    save_checkpoint(create_model("skysense_v2_tiny", **MICRO), good)
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as z:  # the largest tensor storage of the archive
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = _data_offset(data, info) + info.file_size // 2
+    flipped = bytearray(data)
+    flipped[start : start + 4] = bytes(b ^ 0xFF for b in flipped[start : start + 4])
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(flipped))
+    # torch.load alone takes it without complaint: one tensor is silently wrong
+    silent = torch.load(bad, map_location="cpu", weights_only=True)["state_dict"]
+    reference = torch.load(good, map_location="cpu", weights_only=True)["state_dict"]
+    assert sum(not torch.equal(silent[k], reference[k]) for k in reference) == 1
+    for read in (read_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointError, match=r"corrupted \(CRC mismatch in '.*/data/\d+'\)") as err:
+            read(bad)
+        message = str(err.value)
+        assert "\n" not in message and str(bad) in message and message.endswith("re-download or re-export it")
+    assert isinstance(err.value, ValueError)
+    read_checkpoint(good)  # the intact file still loads
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_checkpoint_is_refused(tmp_path, keep) -> None:
+    torch.manual_seed(0)
+    good = tmp_path / "good.pt"
+    save_checkpoint(create_model("skysense_v2_tiny", **MICRO), good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as err:
+        read_checkpoint(cut)
+    message = str(err.value)
+    assert "\n" not in message and str(cut) in message and message.endswith("re-download or re-export it")
+
+
+def test_committed_checkpoint_loads_strictly_with_unchanged_outputs() -> None:
+    """The committed checkpoint still matches the architecture, and gives the outputs recorded before the stage
+    blocks were injected (pipeline at 44adcd6), in both attention contexts."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "s2": ModalityInput(torch.randn(1, 2, 10, 16, 16, generator=g), doy=torch.tensor([[30, 200]])),
+        "s1": ModalityInput(torch.randn(1, 2, 2, 16, 16, generator=g), doy=torch.tensor([[31, 201]])),
+        "hr": ModalityInput(torch.randn(1, 1, 3, 256, 256, generator=g), gsd=0.625),
+    }
+    recorded = {
+        None: ([0.20785989, -0.21199733, -1.22887325, -0.01882648, -0.74704564, 0.69295686], 0.80316007),
+        3: ([0.34682173, -0.14403865, -1.22453463, -0.07439867, -0.90149993, 0.78916526], 0.80104494),
+    }
+    for radius, (values, abs_mean) in recorded.items():
+        model, _ = load_checkpoint(COMMITTED, strict=True, context_radius=radius)
+        with torch.no_grad():
+            fused = model(inputs)  # (1, 128, 16, 16)
+        torch.testing.assert_close(fused[0, :6, 5, 7], torch.tensor(values), rtol=1e-4, atol=1e-5)
+        assert abs(fused.abs().mean().item() - abs_mean) < 1e-5
 
 
 def test_task_heads_produce_grid_maps() -> None:

@@ -7,8 +7,11 @@ import torch
 
 from pipeline.modalities import BandMismatchError
 from pipeline.model import ModalityInput, create_model
-from pipeline.model.config import get_config
+from pipeline.model.backbone import SkySenseV2Backbone, StageBlocks, default_stage_blocks
+from pipeline.model.config import SkySenseConfig, get_config
+from pipeline.model.layers.attention import Block
 from pipeline.model.layers.patch_merging import merge_schedule, supported_gsd
+from pipeline.model.layers.window_attention import SwinV2Block
 from pipeline.model.params import count_parameters
 
 MICRO = {"dims": (32, 64, 96, 128), "depths": (2, 2, 2, 2), "fusion_dim": 64, "fusion_heads": 2}
@@ -172,3 +175,67 @@ def test_moe_stats_cover_every_modality_of_a_forward() -> None:
         assert torch.equal(c, counts_s2[name] + counts_s1[name])
         # both modalities: B*T = 2 images each of 16 x 16 grid tokens + 4 prompt tokens, top-1
         assert int(c.sum()) == 2 * 2 * (16 * 16 + 4)
+
+
+def test_unknown_model_name_suggests_the_closest() -> None:
+    expected = (
+        r"unknown model 'skysense_v2_tinny'; did you mean 'skysense_v2_tiny'\? "
+        r"Available: skysense_v2_base, skysense_v2_huge, skysense_v2_small, skysense_v2_tiny$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        get_config("skysense_v2_tinny")
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; available: skysense_v2_base, "):
+        create_model("resnet50")
+
+
+def _backbone_kwargs(config: SkySenseConfig) -> dict:
+    return {
+        "modalities": config.modalities, "patch_sizes": config.patch_sizes, "dims": config.dims,
+        "depths": config.depths, "num_prompts": config.num_prompts,
+    }  # fmt: skip
+
+
+def test_default_stage_blocks_are_the_built_default() -> None:
+    config = get_config("skysense_v2_tiny", **MICRO)
+    moe = {"moe_blocks": config.moe_blocks, "num_experts": config.num_experts, "top_k": config.top_k}
+    torch.manual_seed(0)
+    implicit = SkySenseV2Backbone(**_backbone_kwargs(config), **moe)
+    torch.manual_seed(0)
+    explicit = SkySenseV2Backbone(**_backbone_kwargs(config), stage_blocks=default_stage_blocks(config.depths, **moe))
+    assert implicit.prompted == explicit.prompted == (False, False, True, True)
+    a, b = implicit.state_dict(), explicit.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [type(blk).__name__ for blocks in implicit.stages for blk in blocks] == ["SwinV2Block"] * 4 + ["Block"] * 4
+    assert [type(blk.mlp).__name__ for blk in implicit.stages[3]] == ["MoEFeedForward"] * 2
+    assert type(implicit.stages[2][0].mlp).__name__ == "Mlp"
+    with pytest.raises(ValueError, match="reaches into the window-attention stages"):
+        default_stage_blocks((2, 2, 1, 1), moe_blocks=3)
+
+
+def test_stage_blocks_are_injected() -> None:
+    """Three window stages and one prompted global stage: prompts follow the stage's flag, not its index."""
+    config = get_config("skysense_v2_tiny", **MICRO)
+
+    def window(dim: int, num_heads: int, index: int, drop_path: float) -> torch.nn.Module:
+        return SwinV2Block(dim, num_heads, window_size=4, shift_size=2 * (index % 2), drop_path=drop_path)
+
+    def dense(dim: int, num_heads: int, index: int, drop_path: float) -> torch.nn.Module:
+        return Block(dim, num_heads, drop_path=drop_path)
+
+    stages = (StageBlocks(window), StageBlocks(window), StageBlocks(window), StageBlocks(dense, prompted=True))
+    torch.manual_seed(0)
+    backbone = SkySenseV2Backbone(**_backbone_kwargs(config), stage_blocks=stages).eval()
+    assert len(backbone.prompts) == 1 and backbone.prompts[0].shape[-1] == config.dims[3]
+    assert not backbone.moe_layers()
+    x = torch.randn(2, 10, 16, 16)
+    with torch.no_grad():
+        maps = backbone(x, "s2", 10.0)
+        backbone.prompts[0][config.modality_names.index("s2")].add_(torch.randn(4, config.dims[3]))
+        moved = backbone(x, "s2", 10.0)
+    assert [tuple(m.shape) for m in maps] == [(2, d, 16, 16) for d in config.dims]
+    assert torch.equal(moved[2], maps[2])  # stage 3 is a window stage here: no prompts
+    assert (moved[3] - maps[3]).abs().max() > 1e-3  # stage 4's prompts steer stage 4
+    with pytest.raises(ValueError, match="context_radius selects the attention of the default stage blocks"):
+        SkySenseV2Backbone(**_backbone_kwargs(config), stage_blocks=stages, context_radius=4)
+    with pytest.raises(ValueError, match="need one each"):
+        SkySenseV2Backbone(**_backbone_kwargs(config), stage_blocks=stages[:3])

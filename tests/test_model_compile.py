@@ -1,4 +1,4 @@
-"""The backbone runs under torch.compile and gives the eager result."""
+"""The backbone runs under torch.compile and gives the eager result, with global and with local context."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ MICRO = {"dims": (32, 64, 96, 128), "depths": (2, 2, 1, 1), "moe_blocks": 1, "fu
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_eager() -> None:
+@pytest.mark.parametrize("context_radius", [None, 2])
+def test_compiled_model_matches_eager(context_radius: int | None) -> None:
     torch.manual_seed(0)
-    model = create_model("skysense_v2_tiny", **MICRO).eval()
+    model = create_model("skysense_v2_tiny", context_radius=context_radius, **MICRO).eval()
     inputs = {
         "s2": ModalityInput(torch.randn(1, 2, 10, 16, 16), doy=torch.tensor([[30, 60]])),
         "s1": ModalityInput(torch.randn(1, 2, 2, 16, 16), doy=torch.tensor([[31, 61]])),

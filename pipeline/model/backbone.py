@@ -13,12 +13,18 @@ Data flow for one image batch of one modality (shapes for an input of H x W pixe
 
 The feed-forward of the last ``moe_blocks`` blocks is a mixture of experts. Which APM branch a token map
 takes is decided by its ground footprint (``merge_schedule``), so no code path branches on a modality's name.
+
+The blocks of each stage are injected (:class:`StageBlocks`, one per stage); :func:`default_stage_blocks` is the
+layout above. A stage's blocks take either the token map (N, H, W, C) or, when the stage is ``prompted``, the
+sequence [prompts] + tokens (N, P + H*W, C) with its :class:`TokenGrid`: that is data of the stage, not of its index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +32,84 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.modalities import ModalitySpec
 
-from .layers.attention import Block
-from .layers.local_attention import LocalGrid
+from .layers.attention import Block, context_attention, with_context_radius
+from .layers.local_attention import TokenGrid
 from .layers.mlp import Mlp
 from .layers.moe import MoEFeedForward
 from .layers.patch_merging import AdaptiveTransition, merge_schedule, to_nchw, to_nhwc
 from .layers.window_attention import SwinV2Block
+
+
+class BlockFactory(Protocol):
+    """Builds block ``index`` (0-based, within its stage) of a stage of width ``dim``."""
+
+    def __call__(self, dim: int, num_heads: int, index: int, drop_path: float) -> nn.Module:
+        """The block, e.g. a ``SwinV2Block`` or a ``Block`` with the stage's attention and feed-forward."""
+        ...
+
+
+@dataclass(frozen=True)
+class StageBlocks:
+    """How one backbone stage builds its blocks, and which tokens they take.
+
+    Attributes:
+        block: called once per block as ``block(dim=, num_heads=, index=, drop_path=)``.
+        prompted: False: blocks map the token map (N, H, W, C) to itself (window stages). True: the stage gets
+            learnable prompt tokens per modality; blocks are called as ``blk(t, None, grid)`` on the sequence
+            ``t`` = [prompts] + tokens (N, P + H*W, C) with its :class:`TokenGrid`; prompts are dropped at the end.
+    """
+
+    block: BlockFactory
+    prompted: bool = False
+
+
+def default_stage_blocks(
+    depths: Sequence[int],
+    *,
+    window_size: int = 8,
+    mlp_ratio: float = 4.0,
+    moe_blocks: int = 6,
+    num_experts: int = 8,
+    top_k: int = 1,
+    moe_aux_weight: float = 0.01,
+    context_radius: int | None = None,
+) -> tuple[StageBlocks, ...]:
+    """The SkySense V2 layout: Swin-V2 window stages 1-2, prompted stages 3-4, MoE in the last blocks.
+
+    Args:
+        depths: blocks per stage (4 stages).
+        window_size: Swin-V2 window of stages 1-2; every other block is shifted by half a window.
+        mlp_ratio: feed-forward hidden width relative to the stage width.
+        moe_blocks: the last ``moe_blocks`` blocks of the network (all in stages 3-4) use ``MoEFeedForward``.
+        num_experts, top_k, moe_aux_weight: the mixture of experts.
+        context_radius: None: global attention in stages 3-4 (as pre-trained); else local neighbourhood attention
+            of this many grid cells (tiled inference without seams, :mod:`.layers.local_attention`).
+
+    Returns:
+        One :class:`StageBlocks` per stage.
+    """
+    if moe_blocks > depths[2] + depths[3]:
+        raise ValueError(
+            f"moe_blocks={moe_blocks} reaches into the window-attention stages; max {depths[2] + depths[3]}"
+        )
+    attn_layer = context_attention(context_radius)
+    moe_ffn = partial(MoEFeedForward, num_experts=num_experts, top_k=top_k, aux_loss_weight=moe_aux_weight)
+    first_moe = sum(depths) - moe_blocks  # network-wide index of the first MoE block
+
+    def window_block(dim: int, num_heads: int, index: int, drop_path: float) -> nn.Module:
+        shift = 0 if index % 2 == 0 else window_size // 2
+        return SwinV2Block(dim, num_heads, window_size=window_size, shift_size=shift, mlp_ratio=mlp_ratio,
+                           drop_path=drop_path, mlp_layer=Mlp)  # fmt: skip
+
+    def global_stage(first: int) -> StageBlocks:  # ``first``: network-wide index of the stage's first block
+        def block(dim: int, num_heads: int, index: int, drop_path: float) -> nn.Module:
+            ffn = moe_ffn if first + index >= first_moe else Mlp
+            return Block(dim, num_heads, mlp_ratio, drop_path=drop_path, ffn_layer=ffn, attn_layer=attn_layer)
+
+        return StageBlocks(block, prompted=True)
+
+    window = StageBlocks(window_block)
+    return window, window, global_stage(sum(depths[:2])), global_stage(sum(depths[:3]))
 
 
 class PatchEmbed(nn.Module):
@@ -52,7 +130,24 @@ class PatchEmbed(nn.Module):
 
 
 class SkySenseV2Backbone(nn.Module):
-    """Shared multi-modal hierarchical backbone (stages 1-2 window attention, 3-4 global attention + prompts)."""
+    """Shared multi-modal hierarchical backbone (stages 1-2 window attention, 3-4 global attention + prompts).
+
+    Args:
+        modalities: input modalities (one tokenizer and one set of prompt tokens each).
+        patch_sizes: tokenizer patch size per modality.
+        dims: channel width of each stage.
+        depths: blocks per stage.
+        head_dim: attention head width (heads = dim // head_dim).
+        mlp_ratio, window_size, moe_blocks, num_experts, top_k, moe_aux_weight: the default blocks
+            (:func:`default_stage_blocks`); unused when ``stage_blocks`` is given.
+        num_prompts: prompt tokens per modality in each prompted stage.
+        grid_gsd: footprint in metres of one stage-3/4 token (decides the APM schedule).
+        drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        context_radius: None: global attention in stages 3-4 (as pre-trained); else local attention of this many
+            grid cells, for tiled inference without seams. Selects the default blocks' attention, so it cannot be
+            combined with ``stage_blocks``.
+        stage_blocks: one :class:`StageBlocks` per stage; None: :func:`default_stage_blocks`.
+    """
 
     def __init__(
         self,
@@ -71,52 +166,59 @@ class SkySenseV2Backbone(nn.Module):
         num_prompts: int = 4,
         grid_gsd: float = 10.0,
         drop_path_rate: float = 0.0,
+        context_radius: int | None = None,
+        stage_blocks: Sequence[StageBlocks] | None = None,
     ) -> None:
         super().__init__()
-        if moe_blocks > depths[2] + depths[3]:
+        if stage_blocks is None:
+            stage_blocks = default_stage_blocks(
+                depths, window_size=window_size, mlp_ratio=mlp_ratio, moe_blocks=moe_blocks, num_experts=num_experts,
+                top_k=top_k, moe_aux_weight=moe_aux_weight, context_radius=context_radius,
+            )  # fmt: skip
+        elif context_radius is not None:
             raise ValueError(
-                f"moe_blocks={moe_blocks} reaches into the window-attention stages; max {depths[2] + depths[3]}"
+                "context_radius selects the attention of the default stage blocks; with stage_blocks, build them "
+                "with it instead (default_stage_blocks(..., context_radius=r))"
             )
+        if len(stage_blocks) != len(depths) or len(dims) != len(depths):
+            raise ValueError(f"{len(stage_blocks)} stage_blocks, {len(dims)} dims, {len(depths)} depths: need one each")
         self.modality_names = tuple(m.name for m in modalities)
         self.patch_sizes = dict(patch_sizes)
         self.dims = tuple(dims)
         self.grid_gsd = grid_gsd
         self.num_prompts = num_prompts
         self.grad_checkpointing = False
-        self.context_radius: int | None = None  # None: global attention in stages 3-4 (as pre-trained)
+        self.context_radius = context_radius  # None: global attention in stages 3-4 (as pre-trained)
+        self.prompted = tuple(sb.prompted for sb in stage_blocks)
 
         self.tokenizers = nn.ModuleDict(
             {m.name: PatchEmbed(m.num_bands, dims[0], patch_sizes[m.name]) for m in modalities}
         )
         total = sum(depths)
         drop_rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # python: works on meta
-        moe_ffn = partial(MoEFeedForward, num_experts=num_experts, top_k=top_k, aux_loss_weight=moe_aux_weight)
-
-        def ffn_for(block_idx: int) -> Callable[..., nn.Module]:
-            return moe_ffn if block_idx >= total - moe_blocks else Mlp
-
         stages: list[nn.ModuleList] = []
         i = 0
-        for s, (dim, depth) in enumerate(zip(dims, depths)):
+        for dim, depth, sb in zip(dims, depths, stage_blocks):
             heads = dim // head_dim
-            blocks: list[nn.Module] = []
-            for j in range(depth):
-                if s < 2:
-                    shift = 0 if j % 2 == 0 else window_size // 2
-                    blocks.append(
-                        SwinV2Block(dim, heads, window_size=window_size, shift_size=shift, mlp_ratio=mlp_ratio,
-                                    drop_path=drop_rates[i], mlp_layer=Mlp)
-                    )  # fmt: skip
-                else:
-                    blocks.append(Block(dim, heads, mlp_ratio, drop_path=drop_rates[i], ffn_layer=ffn_for(i)))
-                i += 1
-            stages.append(nn.ModuleList(blocks))
+            stages.append(
+                nn.ModuleList(
+                    sb.block(dim=dim, num_heads=heads, index=j, drop_path=drop_rates[i + j]) for j in range(depth)
+                )
+            )
+            i += depth
         self.stages = nn.ModuleList(stages)
-        self.transitions = nn.ModuleList(AdaptiveTransition(dims[s], dims[s + 1]) for s in range(3))
-        # Prompt tokens for stages 3 and 4: (num_modalities, num_prompts, C) each.
+        self.transitions = nn.ModuleList(AdaptiveTransition(dims[s], dims[s + 1]) for s in range(len(dims) - 1))
+        # Prompt tokens of each prompted stage, in stage order: (num_modalities, num_prompts, C) each.
         self.prompts = nn.ParameterList(
-            [nn.Parameter(torch.zeros(len(self.modality_names), num_prompts, dims[s])) for s in (2, 3)]
+            [
+                nn.Parameter(torch.zeros(len(self.modality_names), num_prompts, dims[s]))
+                for s, p in enumerate(self.prompted)
+                if p
+            ]
         )
+        # Stage -> its entry in ``prompts`` (None: a window stage without prompts).
+        slots = iter(range(len(self.prompts)))
+        self._prompt_slot = tuple(next(slots) if p else None for p in self.prompted)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)  # per-stage output norms (feature API)
         # MoE statistics of every backbone call since the last reset: one call per modality per model forward,
         # so a single layer attribute (last call only) would see the last modality alone.
@@ -135,20 +237,25 @@ class SkySenseV2Backbone(nn.Module):
         self.grad_checkpointing = enable
 
     def set_context_radius(self, radius: int | None) -> None:
-        """Limit stages 3-4 to neighbourhood attention of ``radius`` grid cells (None: global, the default).
+        """Deprecated: pass ``context_radius`` to the constructor (``create_model``, ``load_checkpoint``) instead.
 
-        Local context makes every output a function of its neighbourhood only, so tiled region inference stitches
-        without seams (see :mod:`pipeline.model.layers.local_attention`). The radius counts stage-3/4 tokens.
+        Switches the attention of the prompted stages of a built model between global (None) and local
+        neighbourhood attention of ``radius`` grid cells, keeping the weights. Kept until the callers in
+        ``pipeline.infer`` pass the radius when they build the model.
         """
         if radius is not None and radius < 1:
             raise ValueError(f"context radius must be >= 1 token, got {radius}")
+        for blocks, prompted in zip(self.stages, self.prompted):
+            if prompted:
+                for blk in blocks:
+                    blk.attn = with_context_radius(blk.attn, radius)
         self.context_radius = radius
 
     def merges_for(self, modality: str, gsd: float) -> tuple[bool, ...]:
         """APM schedule for one input (see :func:`merge_schedule`)."""
         return merge_schedule(gsd, self.patch_sizes[modality], self.grid_gsd)
 
-    def _run(self, block: nn.Module, *args: Tensor | LocalGrid | None) -> Tensor:
+    def _run(self, block: nn.Module, *args: Tensor | TokenGrid | None) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -169,20 +276,19 @@ class SkySenseV2Backbone(nn.Module):
         m = self.modality_names.index(modality)
         x = self.tokenizers[modality](x)  # (N, H1, W1, C1)
         outs: list[Tensor] = []
-        for s, blocks in enumerate(self.stages):
+        for s, (blocks, slot) in enumerate(zip(self.stages, self._prompt_slot)):
             if s > 0:
                 x = self.transitions[s - 1](x, merges[s - 1])
-            if s < 2:
+            if slot is None:
                 for blk in blocks:
                     x = self._run(blk, x)  # (N, H, W, C)
             else:
                 N, H, W, C = x.shape
-                prompts = self.prompts[s - 2][m].to(x.dtype).expand(N, -1, -1)  # (N, P, C)
+                prompts = self.prompts[slot][m].to(x.dtype).expand(N, -1, -1)  # (N, P, C)
                 t = torch.cat([prompts, x.reshape(N, H * W, C)], dim=1)  # (N, P + H*W, C)
-                r = self.context_radius
-                local = None if r is None else LocalGrid(H, W, self.num_prompts, r)
+                grid = TokenGrid(H, W, self.num_prompts)
                 for blk in blocks:
-                    t = self._run(blk, t, None, local)
+                    t = self._run(blk, t, None, grid)
                 x = t[:, self.num_prompts :].reshape(N, H, W, C)  # prompts dropped at the end of the stage
             outs.append(to_nchw(self.norms[s](x)))
         self._collect_moe_stats()

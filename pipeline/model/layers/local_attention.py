@@ -26,12 +26,21 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
-class LocalGrid:
-    """Layout of a stage-3/4 token sequence ``[P prompts] + [H x W tokens, row-major]`` for local attention."""
+class TokenGrid:
+    """Layout of a stage-3/4 token sequence ``[P prompts] + [H x W tokens, row-major]``.
+
+    The backbone hands it to every block of a prompted stage; global attention ignores it, local attention needs it.
+    """
 
     height: int
     width: int
     prompts: int
+
+
+@dataclass(frozen=True)
+class LocalGrid(TokenGrid):
+    """A :class:`TokenGrid` plus the neighbourhood ``radius`` (grid cells) and the query ``block`` size."""
+
     radius: int
     block: int = 16
 
@@ -98,7 +107,9 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, grid: LocalGrid) -> Tensor:
     if P:
         kb = torch.cat([k[:, :, :P].repeat_interleave(nb, dim=0), kb], dim=2)
         vb = torch.cat([v[:, :, :P].repeat_interleave(nb, dim=0), vb], dim=2)
-    mask = _block_mask(H, W, r, b, P, q.device).repeat(B, 1, 1, 1)  # (B*nb, 1, b*b, keys)
+    # torch.compile traces the mask into the graph (shapes are static there); eager mode reuses it from the cache
+    block_mask = _block_mask.__wrapped__ if torch.compiler.is_compiling() else _block_mask
+    mask = block_mask(H, W, r, b, P, q.device).repeat(B, 1, 1, 1)  # (B*nb, 1, b*b, keys)
     if not P:  # padded queries of edge blocks see no key: give them their (zero) self so softmax stays finite
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B*nb, h, b*b, d)
