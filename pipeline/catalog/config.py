@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.modalities import DEFAULT_MODALITIES, HR_RGBN
+from pipeline.modalities import DEFAULT_MODALITIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository root (parent of the ``pipeline`` package)."""
@@ -31,9 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CATALOGS_DIR = REPO_ROOT / "catalogs"
 """Where bare catalog names (``earth-search``) are resolved: ``catalogs/<name>.yaml``."""
 
-# Bands a catalog may feed for each modality, in model order (hr may carry an optional NIR band).
-_ALLOWED_BANDS: dict[str, tuple[str, ...]] = {name: spec.bands for name, spec in DEFAULT_MODALITIES.items()}
-_ALLOWED_BANDS["hr"] = HR_RGBN.bands
+# Bands a catalog may feed for each modality, in model order: the model's bands, then optional ones (HR's NIR).
+_ALLOWED_BANDS: dict[str, tuple[str, ...]] = {name: spec.known_bands for name, spec in DEFAULT_MODALITIES.items()}
 
 
 class CatalogConfigError(ValueError):
@@ -164,7 +163,9 @@ class CatalogConfig(BaseModel):
         url: STAC API root for ``stac-api`` catalogs.
         path: static catalog directory (``collection.json`` + ``items.ndjson`` files) for ``local`` catalogs;
             relative paths are relative to the repository root. ``SKYPIPE_LOCAL_CATALOG`` overrides it.
-        signing: ``planetary-computer`` signs asset hrefs with SAS tokens (see :mod:`pipeline.catalog.signing`).
+        signing: how asset hrefs are signed for reading (see :mod:`pipeline.catalog.signing`): ``none``,
+            ``planetary-computer`` (a fresh SAS token per href from the Planetary Computer) or ``sas-token`` (the
+            token in ``$SKYPIPE_SAS_TOKEN``, e.g. for a private Azure container; never written in the catalog).
         modalities: our modality name (``hr``, ``s2``, ``s1``) -> its source.
         query_extension: whether to send cloud filters with the STAC ``query`` extension; ``None`` asks the
             server's ``conformsTo``.
@@ -178,7 +179,7 @@ class CatalogConfig(BaseModel):
     kind: Literal["stac-api", "local"]
     url: str | None = None
     path: str | None = None
-    signing: Literal["none", "planetary-computer"] = "none"
+    signing: Literal["none", "planetary-computer", "sas-token"] = "none"
     modalities: dict[str, ModalitySource]
     query_extension: bool | None = None
     description: str = ""

@@ -14,12 +14,19 @@ How cube reads use this:
   :func:`pipeline.catalog.assets.open_asset` does when given ``resign=``).
 
 The signing function is a parameter (default: ``planetary_computer.sign_url``), so the expiry and retry logic is
-testable offline with a local token function.
+testable offline with a local token function. Signing modes (a catalog's ``signing:``): ``none``,
+``planetary-computer`` (a fresh token per href from the Planetary Computer token API) and ``sas-token`` (the SAS
+token you were given for a private Azure container, read from the environment variable :data:`SAS_TOKEN_ENV` so
+that it never sits in a catalog file; :func:`env_sas_sign_href`).
+
+Signed hrefs are for reading only: what is stored or logged goes through :func:`pipeline.catalog.redact.public_href`
+and the logging filter of :mod:`pipeline.catalog.redact`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -43,6 +50,28 @@ def planetary_computer_sign_href(href: str) -> str:
     import planetary_computer  # local: only catalogs that sign need it
 
     return planetary_computer.sign_url(href)
+
+
+SAS_TOKEN_ENV = "SKYPIPE_SAS_TOKEN"
+"""Environment variable holding the SAS token of ``signing: sas-token`` catalogs (``st=...&se=...&sig=...``)."""
+
+
+def env_sas_sign_href(href: str) -> str:
+    """Sign one href with the static SAS token in ``$SKYPIPE_SAS_TOKEN`` (``signing: sas-token``).
+
+    Raises:
+        ValueError: the variable is not set (the message names it, never a token).
+
+    """
+    base = strip_token(href)
+    return f"{base}{'&' if urlsplit(base).query else '?'}{_env_sas_token()}"
+
+
+def _env_sas_token() -> str:
+    token = os.environ.get(SAS_TOKEN_ENV, "").strip().lstrip("?")
+    if not token:
+        raise ValueError(f"this catalog uses 'signing: sas-token' but ${SAS_TOKEN_ENV} is not set (export the token)")
+    return token
 
 
 def strip_token(href: str) -> str:
@@ -70,7 +99,11 @@ def is_expiring(href: str, margin: timedelta = timedelta(minutes=5), now: dateti
 
 
 def is_auth_failure(message: str) -> bool:
-    """Whether a GDAL / HTTP error message says the request was refused for an invalid or expired token."""
+    """Whether an error message reads like a refused token (403, ``AuthenticationFailed``, ...).
+
+    A last resort only: :func:`pipeline.catalog.diagnose.diagnose` decides from HTTP status codes and exception
+    types, and falls back to this text check only where neither is available.
+    """
     m = message.lower()
     return any(s in m for s in ("403", "authenticationfailed", "authorizationfailure", "signature", "forbidden"))
 
@@ -116,7 +149,11 @@ def make_resigner(signing: str, sign_href: SignHref | None = None) -> Resigner |
         return None
     if signing == "planetary-computer":
         return Resigner(sign_href or planetary_computer_sign_href)
-    raise ValueError(f"unknown signing mode {signing!r}; known: none, planetary-computer")
+    if signing == "sas-token":
+        if sign_href is None:
+            _env_sas_token()  # fail now, before a search, when the token is missing
+        return Resigner(sign_href or env_sas_sign_href)
+    raise ValueError(f"unknown signing mode {signing!r}; known: none, planetary-computer, sas-token")
 
 
 def sign_items(items: Iterable[pystac.Item], sign_href: SignHref) -> list[pystac.Item]:

@@ -44,7 +44,8 @@ from odc.loader import (
 )
 from odc.stac import parse_items
 
-from pipeline.cube.reader import GDAL_OPTIONS, gdal_path
+from pipeline.catalog.gdal import GDAL_ENV, gdal_path
+from pipeline.catalog.redact import public_href, redact
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class DatasetPool:
         if ds is None:
             href = self.patch_url(uri) if self.patch_url else uri
             kw = {} if overview is None else {"overview_level": overview}
-            with rasterio.Env(**GDAL_OPTIONS):
+            with rasterio.Env(**GDAL_ENV):
                 ds = rasterio.open(gdal_path(href), "r", sharing=False, **kw)
             with self._lock:
                 self.opened += 1
@@ -357,5 +358,5 @@ class ChunkReader:
         except READ_ERRORS as exc:
             if cfg.fail_on_error:
                 raise
-            log.warning("Ignoring read failure reading %s:%d (reason: '%s')", uri, bidx, exc)
+            log.warning("Ignoring read failure reading %s:%d (reason: '%s')", public_href(uri), bidx, redact(str(exc)))
             return None

@@ -2,7 +2,9 @@
 
 A :class:`ModalityPlan` fixes the band list, the grid, the dates (items grouped by solar day), the scale/offset per
 date and band, and which items are unusable (checked by opening every asset header). Its :meth:`fingerprint` is
-stored with the cube, so a resumed build refuses to mix chunks from a different plan.
+stored with the cube, so a resumed build refuses to mix chunks from a different plan. What it stores (provenance
+hrefs, asset problems) holds hrefs without their tokens (:func:`pipeline.catalog.redact.public_href`); the items
+themselves keep their signed hrefs for reading.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import pystac
 from odc.geo.geobox import GeoBox
 
+from pipeline.catalog.redact import public_href
 from pipeline.cube.reader import AssetProblem, asset_href, check_assets, split_band_ref
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class ModalityPlan:
         return float(self.geobox.resolution.x)
 
     def provenance(self) -> dict[str, Any]:
-        """Source item ids and hrefs per date (ISO date -> list), stored in the group's attributes."""
+        """Source item ids and hrefs (without tokens) per date (ISO date -> list), stored in the group's attributes."""
         out: dict[str, Any] = {}
         for date, group, ids in zip(self.dates, self.groups, self.item_ids):
             usable = {it.id: it for it in group}
@@ -84,7 +87,7 @@ class ModalityPlan:
                     "id": item_id,
                     "usable": item_id in usable,
                     "hrefs": (
-                        {r: asset_href(usable[item_id], split_band_ref(r)[0]) for r in self.refs}
+                        {r: public_href(asset_href(usable[item_id], split_band_ref(r)[0])) for r in self.refs}
                         if item_id in usable
                         else {}
                     ),

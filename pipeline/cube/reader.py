@@ -14,7 +14,10 @@ every chunk and band, were most of odc-stac's cost). :func:`load_bands` stays as
 tested against (``tests/test_cube_reader_perf.py``) and as the "before" of ``benchmarks/bench_cube.py``.
 
 :func:`check_assets` opens every asset header once before anything is read, so missing files (HTTP 404),
-unreadable headers and absent bands become per-item failures with the item id and href in the message.
+unreadable headers and absent bands become per-item failures with the item id and href in the message; the cause
+comes from :func:`pipeline.catalog.diagnose.diagnose` (status codes and probes, not GDAL's wording). Every open uses
+the one GDAL configuration, :mod:`pipeline.catalog.gdal`. An :class:`AssetProblem` holds the href without its
+token (:func:`pipeline.catalog.redact.public_href`): problems are stored in the cube and its manifest, and logged.
 """
 
 from __future__ import annotations
@@ -34,20 +37,24 @@ from rasterio.errors import NotGeoreferencedWarning, WindowError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
+from pipeline.catalog.diagnose import diagnose
+from pipeline.catalog.gdal import GDAL_ENV, gdal_path
+from pipeline.catalog.redact import public_href, redact
+
 log = logging.getLogger(__name__)
 
 # odc-loader warps into a bare numpy array and rasterio then warns that the destination "has no geotransform",
 # although dst_transform is given: harmless, silenced for rasterio.warp only.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.warp")
 
-GDAL_OPTIONS = {
-    # [stack-notes] one HEAD then ranged GETs for /vsicurl/; no sidecar probing.
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_HTTP_MAX_RETRY": "3",
-    "GDAL_HTTP_RETRY_DELAY": "0.5",
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.jp2,.JP2,.vrt",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-}
+GDAL_OPTIONS = GDAL_ENV
+"""Former name of :data:`pipeline.catalog.gdal.GDAL_ENV`, kept until ``pipeline/cube/build.py`` and
+``benchmarks/bench_cube.py`` import it from there (``gdal_path`` is re-exported here for the same reason)."""
+
+__all__ = [
+    "GDAL_OPTIONS", "AssetProblem", "asset_href", "check_assets", "find_unreadable", "gdal_path", "load_bands",
+    "split_band_ref",
+]  # fmt: skip
 
 
 def split_band_ref(ref: str) -> tuple[str, int]:
@@ -63,19 +70,13 @@ def asset_href(item: pystac.Item, key: str) -> str:
     return item.assets[key].get_absolute_href() or item.assets[key].href
 
 
-def gdal_path(href: str) -> str:
-    """A path rasterio opens: ``file://`` stripped, everything else as it is.
-
-    rasterio maps http(s) and s3 URLs to GDAL's ``/vsicurl/`` and ``/vsis3/``, as odc-stac's reads do.
-    """
-    if href.startswith("file://"):
-        return href[len("file://") :]
-    return href
-
-
 @dataclass(frozen=True)
 class AssetProblem:
-    """One asset of one item that cannot be used, with what to do about it."""
+    """One asset of one item that cannot be used, with what to do about it.
+
+    The one stored and shown form of a problem: ``href`` is kept without its token and ``error`` / ``hint`` are
+    redacted when the problem is made, whatever the caller passed.
+    """
 
     item: str
     asset: str
@@ -83,19 +84,14 @@ class AssetProblem:
     error: str
     hint: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "href", public_href(self.href))
+        object.__setattr__(self, "error", redact(self.error))
+        object.__setattr__(self, "hint", redact(self.hint))
+
     def message(self) -> str:
         """One line naming the item, the asset and the remedy."""
         return f"item {self.item!r} asset {self.asset!r} ({self.href}): {self.error.rstrip('.')}. {self.hint}"
-
-
-def _hint(error: str) -> str:
-    if "404" in error or "No such file" in error or "does not exist" in error:
-        return "The file is missing: re-index the catalog or fix the href; this item is skipped"
-    if "403" in error:
-        return "Access refused: the href is unsigned or its token expired (check the catalog's signing)"
-    if "not recognized" in error or "TIFF" in error or "corrupt" in error.lower() or "truncat" in error.lower():
-        return "The file looks truncated or corrupt: re-download it; this item is skipped"
-    return "This item is skipped; check the file and the catalog entry"
 
 
 def check_assets(
@@ -118,16 +114,17 @@ def check_assets(
     def probe(job: tuple[pystac.Item, str]) -> tuple[str, str, AssetProblem | None]:
         item, key = job
         href = asset_href(item, key)
+        read_href = patch_url(href) if patch_url else href
         try:
-            path = gdal_path(patch_url(href) if patch_url else href)
-            with rasterio.Env(**GDAL_OPTIONS), rasterio.open(path) as src:
+            with rasterio.Env(**GDAL_ENV), rasterio.open(gdal_path(read_href)) as src:
                 if src.count < max_band[key]:
                     err = f"has {src.count} band(s) but band {max_band[key]} is requested"
                     return item.id, "", AssetProblem(item.id, key, href, err, "Fix the band mapping in the catalog")
                 return item.id, str(src.crs), None
         except Exception as exc:  # rasterio raises several types; all mean "unusable"
-            err = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return item.id, "", AssetProblem(item.id, key, href, err, _hint(err))
+            why = diagnose(read_href, exc)
+            hint = f"{why.hint[0].upper()}{why.hint[1:]}; this item is skipped"
+            return item.id, "", AssetProblem(item.id, key, href, why.describe(), hint)
 
     problems: list[AssetProblem] = []
     crs_of: dict[str, str] = {}
@@ -157,11 +154,9 @@ def find_unreadable(
         for key in sorted({split_band_ref(r)[0] for r in band_refs}):
             idx = sorted({split_band_ref(r)[1] for r in band_refs if split_band_ref(r)[0] == key})
             href = asset_href(item, key)
+            read_href = patch_url(href) if patch_url else href
             try:
-                with (
-                    rasterio.Env(**GDAL_OPTIONS),
-                    rasterio.open(gdal_path(patch_url(href) if patch_url else href)) as src,
-                ):
+                with rasterio.Env(**GDAL_ENV), rasterio.open(gdal_path(read_href)) as src:
                     left, bottom, right, top = transform_bounds(crs, src.crs, *bounds, densify_pts=21)
                     win = from_bounds(left, bottom, right, top, src.transform)
                     win = win.intersection(Window(0, 0, src.width, src.height)).round_offsets().round_lengths()
@@ -169,9 +164,9 @@ def find_unreadable(
             except WindowError:
                 continue  # no overlap with this chunk
             except Exception as exc:
-                err = " ".join(str(exc).split()) or type(exc).__name__
-                hint = "Its pixel data cannot be read (truncated or corrupt file?): re-download it"
-                problems.append(AssetProblem(item.id, key, href, err, hint))
+                why = diagnose(read_href, exc)
+                hint = f"Its pixel data cannot be read: {why.hint}"
+                problems.append(AssetProblem(item.id, key, href, why.describe(), hint))
     return problems
 
 
@@ -213,7 +208,7 @@ def load_bands(
     group_of = [g for g, group in enumerate(groups) for _ in group]
     unique_refs = list(dict.fromkeys(band_refs))
     kwargs = {} if nodata is None else {"nodata": nodata}
-    with rasterio.Env(**GDAL_OPTIONS):  # odc-stac captures this environment into its read tasks
+    with rasterio.Env(**GDAL_ENV):  # odc-stac captures this environment into its read tasks
         ds = odc.stac.load(
             flat,
             bands=unique_refs,

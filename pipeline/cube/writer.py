@@ -9,7 +9,8 @@ the next row of a date picks up the dataset (and the tiles it shares with the ro
 Each chunk is recorded in the manifest only after its data and mask are written. A chunk whose read fails is
 retried once (with freshly opened datasets); if it fails again its culprit is looked up
 (:func:`pipeline.cube.reader.find_unreadable`), recorded as failed, and the chunk is re-read skipping the failing
-reads, so those pixels become nodata (invalid) and the rest is kept.
+reads, so those pixels become nodata (invalid) and the rest is kept. Failure records and warnings never hold a
+token: the culprits are :class:`~pipeline.cube.reader.AssetProblem` messages and the error is redacted.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 import rasterio
 from tqdm.auto import tqdm
 
+from pipeline.catalog.gdal import GDAL_ENV
+from pipeline.catalog.redact import redact
 from pipeline.cube import layout
 from pipeline.cube.chunk_reader import ChunkReader, DatasetPool
 from pipeline.cube.manifest import ChunkIndex, ChunkManifest
 from pipeline.cube.plan import ModalityPlan
-from pipeline.cube.reader import GDAL_OPTIONS, find_unreadable, split_band_ref
+from pipeline.cube.reader import find_unreadable, split_band_ref
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class ChunkWriter:
 
     def _segment(self, seg: Segment) -> None:
         t, iy, xs = seg
-        with rasterio.Env(**GDAL_OPTIONS):
+        with rasterio.Env(**GDAL_ENV):
             for ix in xs:
                 self._chunk((t, iy, ix))
 
@@ -128,7 +131,7 @@ class ChunkWriter:
     def _failure(self, index: ChunkIndex, exc: Exception) -> dict:
         """Name the unreadable assets of a chunk that failed twice; log them and return the failure record."""
         p, t = self.plan, index[0]
-        error = " ".join(str(exc).split()) or type(exc).__name__
+        error = redact(" ".join(str(exc).split())) or type(exc).__name__  # GDAL's message holds the signed path
         region = layout.chunk_region(index, (len(p.dates), *p.geobox.shape), p.chunks)
         bounds = tuple(p.geobox[region[1], region[2]].boundingbox)
         culprits = find_unreadable(p.groups[t], p.refs, bounds, str(p.geobox.crs), p.patch_url)
