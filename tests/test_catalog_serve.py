@@ -1,5 +1,10 @@
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 
 import numpy as np
@@ -13,6 +18,7 @@ from pipeline.catalog.index import read_static_catalog
 from pipeline.catalog.search import EmptySearchError, parse_region, restore_proj_epsg, search
 from pipeline.catalog.serve import LocalStacServer, _parse_range
 from pipeline.cli import main
+from pipeline.lease import process_alive
 
 pytest_plugins = ["catalog_fixtures"]
 
@@ -171,7 +177,7 @@ def test_cli_search_local(local_stac_server, capsys):
     assert rc == 0 and "eolearn-slovenia-s2-l1c" in out and "3 (+2 cloudy)" in out
     rc = main(["catalog", "search", "local", "--bbox", "14,45.5,15,46.5", "--start", "2015-07-01",
                "--end", "2015-09-30", "--url", local_stac_server.url])  # fmt: skip
-    assert rc == 1 and "no s2 items" in capsys.readouterr().err
+    assert rc != 0 and "no s2 items" in capsys.readouterr().err  # the exit code per error kind is the CLI's to test
 
 
 def test_local_catalog_without_url_serves_itself(local_catalog_dir, monkeypatch):
@@ -194,3 +200,43 @@ def test_odc_stac_reads_key_dot_n_bands_over_http(local_stac_server, shared_data
     with rasterio.open(shared_data / "sen1floods11" / "S2Hand" / "Spain_7370579_S2Hand.tif") as local:
         np.testing.assert_array_equal(ds[refs[0]].values[0], local.read(2))
         np.testing.assert_array_equal(ds[refs[1]].values[0], local.read(3))
+
+
+# A driver that starts a server and then hangs: prints the rustac pid, both ports and its temporary folder.
+DRIVER = r"""
+import json, sys, time
+from pipeline.catalog.serve import LocalStacServer
+srv = LocalStacServer(sys.argv[1])
+srv.start()
+print(json.dumps({"pid": srv.pid, "url": srv.url, "assets_url": srv.assets_url, "tmp": srv._tmp.name}), flush=True)
+time.sleep(600)
+"""
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_sigkilled_driver_leaves_no_server_running(local_catalog_dir):
+    cmd = [sys.executable, "-c", DRIVER, str(local_catalog_dir)]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout is not None
+        started = json.loads(driver.stdout.readline())
+        assert process_alive(started["pid"]) and _port_open(started["url"]) and _port_open(started["assets_url"])
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.monotonic() + 5
+    while (process_alive(started["pid"]) or _port_open(started["url"])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(started["pid"]), "rustac outlived its parent"
+    assert not _port_open(started["url"]) and not _port_open(started["assets_url"])
+    assert os.path.isdir(started["tmp"])  # left behind by the killed driver ...
+    with LocalStacServer(local_catalog_dir):
+        assert not os.path.exists(started["tmp"])  # ... and removed by the next server

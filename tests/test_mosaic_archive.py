@@ -1,17 +1,24 @@
-"""Embedding archives: int8 error bounds, GeoParquet per-tile vectors, provenance checks on open / append."""
+"""Embedding archives: int8 error bounds, GeoParquet per-tile vectors, provenance checks on open / append, idempotent
+rebuilds and appends, one writer at a time."""
 
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 
 import geopandas as gpd
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import xarray as xr
 from affine import Affine
 from mosaic_fixtures import PROVENANCE, linear_model, load_s2_chip, write_tile_store
 
+from pipeline.lease import LeaseHeldError, OutputLease
 from pipeline.mosaic.archive import (
+    DuplicateSourcesError,
     ProvenanceError,
     append_to_archive,
     build_archive,
@@ -84,7 +91,7 @@ def test_build_archive_layout(job):
     # footprints: 32 x 32 pixels of the grid
     t = Affine(*job["transform"])
     assert table.geometry.area.round(3).unique().tolist() == [round(32 * 32 * t.a * -t.e, 3)]
-    first = table[table.tile_id == "r00000_c00000"].iloc[0]
+    first = table[(table["row"] == 0) & (table["col"] == 0)].iloc[0]  # the top-left tile
     np.testing.assert_allclose(first["vector"], job["emb"][:, :32, :32].mean((1, 2)), rtol=1e-5, atol=1e-6)
     import pyarrow.parquet as pq
 
@@ -129,3 +136,76 @@ def test_open_archive_checks_expected_provenance(job, tmp_path):
     assert open_archive(url, expect=PROVENANCE).provenance["model"] == PROVENANCE["model"]
     with pytest.raises(ProvenanceError, match=r"c{64}"):
         open_archive(url, expect=PROVENANCE | {"checkpoint_sha256": "c" * 64})
+
+
+def _second_job(job, root) -> tuple[str, str]:
+    """Another month of the same area and model: ``(mosaic, tiles)``."""
+    prov2 = copy.deepcopy(PROVENANCE) | {"time": ["2015-08-01", "2015-08-31"]}
+    emb2 = _embeddings(job["bands"] * 0.9)
+    tiles2 = write_tile_store(str(root / "job2"), emb2, job["crs"], job["transform"], 48, 8, provenance=prov2)
+    return stitch_tiles(tiles2, str(root / "job2" / "mosaic.zarr")), tiles2
+
+
+def test_rebuilding_the_same_archive_is_a_no_op(job, tmp_path, caplog):
+    url = str(tmp_path / "arch")
+    build_archive(job["mosaic"], job["tiles"], url)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "arch").rglob("*") if p.is_file()}
+    caplog.set_level(logging.INFO, logger="pipeline.mosaic.archive")
+    build_archive(job["mosaic"], job["tiles"], url)  # a second run of the same job
+    assert "up to date" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "arch").rglob("*") if p.is_file()} == files
+    archive = open_archive(url)
+    assert len(archive.tiles) == 15 and archive.names == ["0000"]
+    assert archive.meta["sources"]["0000"]["tiles"] == 15 and len(archive.meta["sources"]["0000"]["fingerprint"]) == 64
+    assert not (tmp_path / "arch" / ".lease.json").exists()  # released
+
+    build_archive(job["mosaic"], job["tiles"], url, quantize=False)  # other settings: rebuilt, still no duplicates
+    archive = open_archive(url)
+    assert not archive.meta["quantized"] and len(archive.tiles) == 15
+
+
+def test_appending_twice_never_duplicates_rows(job, tmp_path):
+    url = build_archive(job["mosaic"], job["tiles"], str(tmp_path / "arch"))
+    mosaic2, tiles2 = _second_job(job, tmp_path)
+    append_to_archive(url, mosaic2, tiles2)
+    append_to_archive(url, mosaic2, tiles2)  # a rerun of the same append
+    append_to_archive(url, mosaic2, tiles2, name="0001")
+    append_to_archive(url, job["mosaic"], job["tiles"])  # the first mosaic's tiles again
+    archive = open_archive(url)
+    assert archive.names == ["0000", "0001"]
+    assert archive.tiles.groupby("mosaic").size().to_dict() == {"0000": 15, "0001": 9}
+    assert not archive.tiles.duplicated(["mosaic", "tile_id"]).any()
+    with pytest.raises(DuplicateSourcesError, match=r"already holds the tiles of .*job2.* as mosaic '0001'"):
+        append_to_archive(url, mosaic2, tiles2, name="august")
+    # the same tiles copied elsewhere are recognised (the fingerprint is of the content, not the URL)
+    shutil.copytree(tmp_path / "job2", tmp_path / "copy")
+    append_to_archive(url, str(tmp_path / "copy" / "mosaic.zarr"), str(tmp_path / "copy" / "tiles.zarr"))
+    assert open_archive(url).names == ["0000", "0001"]
+
+
+def test_append_after_a_killed_append_drops_its_orphan_rows(job, tmp_path):
+    url = build_archive(job["mosaic"], job["tiles"], str(tmp_path / "arch"))
+    mosaic2, tiles2 = _second_job(job, tmp_path)
+    # what an append killed after writing the table but before archive.json leaves behind
+    other = build_archive(mosaic2, tiles2, str(tmp_path / "other"), name="0001")
+    table = tmp_path / "arch" / "tiles.parquet"
+    half = pa.concat_tables([pq.read_table(table), pq.read_table(tmp_path / "other" / "tiles.parquet")])
+    pq.write_table(half, table)
+    assert open_archive(url).names == ["0000"] and len(pq.read_table(table)) == 24
+    append_to_archive(url, mosaic2, tiles2)
+    archive = open_archive(url)
+    assert archive.tiles.groupby("mosaic").size().to_dict() == {"0000": 15, "0001": 9}
+    assert open_archive(other).names == ["0001"]
+
+
+def test_archive_writes_hold_the_lease(job, tmp_path):
+    url = build_archive(job["mosaic"], job["tiles"], str(tmp_path / "arch"))
+    mosaic2, tiles2 = _second_job(job, tmp_path)
+    with OutputLease(url, what="embedding archive"):  # another writer (here: this process, which is alive)
+        with pytest.raises(LeaseHeldError, match=r"(?s)embedding archive.*--break-lease"):
+            append_to_archive(url, mosaic2, tiles2)
+        with pytest.raises(LeaseHeldError):
+            build_archive(job["mosaic"], job["tiles"], url, quantize=False)
+    assert open_archive(url).names == ["0000"]
+    append_to_archive(url, mosaic2, tiles2)
+    assert open_archive(url).names == ["0000", "0001"]

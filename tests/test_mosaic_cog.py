@@ -1,6 +1,14 @@
-"""COG writing: valid COG with overviews, CRS / transform / nodata / band names right, values unchanged."""
+"""COG writing: valid COG with overviews, CRS / transform / nodata / band names right, values unchanged; a killed
+or failed write keeps the previous COG and its leftovers are removed by the next write."""
 
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +16,8 @@ import rasterio
 from affine import Affine
 from mosaic_fixtures import linear_model, load_s2_chip, write_tile_store
 
-from pipeline.mosaic.cog import cog_info, write_cog
-from pipeline.mosaic.stitch import CLASS_NODATA, stitch_tiles
+from pipeline.mosaic.cog import _work_prefix, cog_info, dataarray_to_cog, remove_stale_work_dirs, write_cog
+from pipeline.mosaic.stitch import CLASS_NODATA, open_mosaic, stitch_tiles
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +87,73 @@ def test_cog_to_fsspec_url(mosaics):
     data = fsspec.filesystem("memory").cat_file("/cog-test/out/emb.tif")
     with rasterio.MemoryFile(data) as mem, mem.open() as src:
         assert src.crs.to_epsg() == 32633 and src.descriptions == ("c000",)
+
+
+# A COG write that takes ~10 s (every 32 x 32 block sleeps), to be killed in the middle.
+SLOW_WRITER = r"""
+import sys, time
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401
+import xarray as xr
+from pipeline.mosaic.cog import dataarray_to_cog
+
+def slow(block):
+    time.sleep(0.3)
+    return block
+
+data = da.ones((2, 256, 256), dtype="float32", chunks=(2, 32, 32)).map_blocks(slow)
+coords = {"y": 5e6 - 10 * np.arange(256), "x": 5e5 + 10 * np.arange(256)}
+arr = xr.DataArray(data, dims=("band", "y", "x"), coords=coords)
+dataarray_to_cog(arr.rio.write_crs(32633), sys.argv[1], blocksize=32)
+"""
+
+
+def _work_dirs(folder) -> list:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(".cog-"))
+
+
+def test_killed_write_keeps_the_previous_cog_and_the_next_write_cleans_up(mosaics, tmp_path):
+    path = tmp_path / "out" / "emb.tif"
+    write_cog(mosaics["emb_url"], str(path), blocksize=32)
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)])
+    try:
+        deadline = time.monotonic() + 60
+        while not any((d / "raw.tif").exists() for d in _work_dirs(path.parent)):  # the write is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer ended before it was killed"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(_work_dirs(path.parent)) == 1  # the killed run's leftovers
+    assert path.read_bytes() == before and cog_info(path)["valid"]
+
+    # a live writer's work folder (this process) and a recent one of another machine are left alone
+    live = tempfile.mkdtemp(dir=path.parent, prefix=_work_prefix())
+    foreign = path.parent / ".cog-123-0badcafe-abc"
+    foreign.mkdir()
+    write_cog(mosaics["emb_url"], str(path), bands=["c001"], blocksize=32)
+    info = cog_info(path)
+    assert info["valid"] and info["descriptions"] == ["c001"]
+    assert [p.name for p in _work_dirs(path.parent)] == sorted([foreign.name, Path(live).name])
+    assert remove_stale_work_dirs(str(path.parent), max_age_s=0) == [str(foreign)]  # old enough: gone
+
+
+def test_failed_write_leaves_the_previous_cog(mosaics, tmp_path):
+    path = tmp_path / "emb.tif"
+    write_cog(mosaics["emb_url"], str(path), bands=["c000"], blocksize=32)
+    before = path.read_bytes()
+
+    def boom(block, block_info=None):
+        if block_info[0]["chunk-location"] == (0, 1, 1):
+            raise RuntimeError("disk on fire")
+        return block
+
+    arr = open_mosaic(mosaics["emb_url"])["data"]
+    arr = arr.copy(data=arr.data.map_blocks(boom, dtype=arr.dtype))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        dataarray_to_cog(arr, str(path), blocksize=32)
+    assert path.read_bytes() == before and not _work_dirs(tmp_path)

@@ -10,14 +10,23 @@
 
 rustac implements bbox / datetime / collections / intersects / paging but not the ``query`` or ``filter``
 extensions: filter cloud cover client-side against it (``pipeline.catalog.search`` does).
+
+Nothing outlives the process that started the server, even when it is SIGKILLed: the asset server is a thread of
+that process, and on Linux rustac is started with ``PR_SET_PDEATHSIG`` (it gets SIGTERM when its parent dies).
+The kernel ties that signal to the *thread* that started rustac: start the server from a thread that lives as long
+as the server does (the main thread, normally). The temporary folder a killed process leaves behind is removed by
+the next server started on the same machine.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,10 +43,14 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from pipeline.catalog.index import read_static_catalog
+from pipeline.lease import node_tag, process_alive
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_TMP_PREFIX = "skypipe-stac-"
+_TMP_DIR = re.compile(rf"^{_TMP_PREFIX}(?P<pid>\d+)-(?P<node>[0-9a-f]{{8}})-[^-]+$")
 
 
 class RangeFileHandler(SimpleHTTPRequestHandler):
@@ -198,6 +212,40 @@ def rewrite_hrefs(
     return out, roots
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child get SIGTERM when its parent dies (Linux ``prctl``); ``None`` elsewhere.
+
+    The ``prctl`` function is looked up here, in the parent: the child between ``fork`` and ``exec`` only calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
+
+def remove_stale_tmp_dirs(tmp_root: str | None = None) -> list[str]:
+    """Delete the temporary folders of servers whose process on this machine is gone; returns their paths."""
+    root = tmp_root or tempfile.gettempdir()
+    removed = []
+    for entry in os.scandir(root):
+        match = _TMP_DIR.match(entry.name)
+        if match and match["node"] == node_tag() and not process_alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)  # another user's folder stays: not ours to remove
+            if not os.path.exists(entry.path):
+                removed.append(entry.path)
+    return removed
+
+
 class LocalStacServer:
     """A static catalog directory served as a STAC API (rustac) + range-request asset server, both on loopback.
 
@@ -252,7 +300,8 @@ class LocalStacServer:
         served, roots = rewrite_hrefs(catalog, self.assets_url)
         self._roots = roots
         self.asset_server.add_roots(roots)
-        self._tmp = tempfile.TemporaryDirectory(prefix="skypipe-stac-")
+        remove_stale_tmp_dirs()
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}{os.getpid()}-{node_tag()}-")
         hrefs = []
         for cid, (collection, items) in served.items():
             cdir = Path(self._tmp.name) / cid
@@ -262,6 +311,11 @@ class LocalStacServer:
             hrefs += [str(cdir / "collection.json"), str(cdir / "items.ndjson")]
         self.collections = list(served)
         self._start_rustac(hrefs)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of ``rustac serve`` while it runs."""
+        return self._proc.pid if self._proc is not None else None
 
     def local_href(self, href: str) -> str:
         """The local file behind a served asset href (other hrefs unchanged)."""
@@ -293,6 +347,7 @@ class LocalStacServer:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),  # only prctl + getppid run between fork and exec
             )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:

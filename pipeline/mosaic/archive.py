@@ -3,7 +3,8 @@
 Layout of ``{archive}`` (a local folder or fsspec URL)::
 
     archive.json              format, version, provenance (model, code_version, checkpoint, checkpoint_sha256,
-                              preprocessing), quantized, crs of the table, mosaics (names, in order of appending)
+                              preprocessing), quantized, crs of the table, mosaics (names, in order of appending),
+                              sources {name: fingerprint, tiles_url, mosaic_url, tiles} (what each mosaic came from)
     mosaics/<name>.zarr       Zarr v3, opens with ``xr.open_zarr(..., decode_coords="all")``:
         embedding   (band, y, x) int8 (quantized; -128 = no data) or float32 (NaN = no data)
         scale, zero_point (band,) float64   dequantise: ``x = scale * (q - zero_point)``
@@ -21,10 +22,20 @@ channel embeddings of a real S2 chip; the test allows 1e-2).
 
 Provenance (checkpoint sha256 and preprocessing) is checked whenever an archive is opened or appended to: mixing
 models or preprocessing raises :class:`ProvenanceError` naming both sides.
+
+Writing is idempotent and single-writer. Each mosaic's sources get a content fingerprint
+(:func:`source_fingerprint`: grid, tiling, provenance, the done tiles and a hash of their pooled vectors, blending;
+not the URLs, so the same tiles copied elsewhere are recognised). :func:`build_archive` into an archive that already
+holds exactly that mosaic and :func:`append_to_archive` of sources already present under the same (or no) name do
+nothing; appending them under another name raises :class:`DuplicateSourcesError` (two names for one set of tiles
+would count every tile twice in the table). ``archive.json`` is written last (atomically): it is the commit point,
+and table rows of a mosaic it does not list (an append that was killed) are dropped by the next append. Both
+functions hold an :class:`~pipeline.lease.OutputLease` on the archive folder while they write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -35,13 +46,17 @@ import fsspec
 import geopandas as gpd
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pyproj
 import shapely
 import xarray as xr
 
+from pipeline.lease import LEASE_FILE, LOCK_FILE, OutputLease
 from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
-from pipeline.mosaic.tiles import join_url, open_tile_store, store_path
+from pipeline.mosaic.tiles import open_tile_store
+from pipeline.storage import exists, read_json, remove, store_path, write_json
+from pipeline.storage import join as join_url
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,10 @@ _DESCRIBE = ("model", "code_version", "checkpoint", "checkpoint_sha256", "prepro
 
 class ProvenanceError(ValueError):
     """Embeddings from different models or preprocessing were about to be mixed."""
+
+
+class DuplicateSourcesError(ValueError):
+    """The tiles of a mosaic are already in the archive under another name."""
 
 
 def _canonical(value: Any) -> str:
@@ -73,17 +92,6 @@ def check_provenance(expected: dict[str, Any], actual: dict[str, Any], *, what: 
             f"refusing to mix embeddings: {what} comes from {_summary(actual)}, but {against} holds "
             f"{_summary(expected)} ({' and '.join(differ)} differ)"
         )
-
-
-def _read_json(url: str) -> dict[str, Any]:
-    with fsspec.open(url, "rb") as f:
-        return json.loads(f.read())
-
-
-def _write_bytes(url: str, data: bytes) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, data)
 
 
 def quantize(emb: xr.DataArray) -> xr.Dataset:
@@ -114,9 +122,8 @@ def dequantize(ds: xr.Dataset) -> xr.DataArray:
     return out.astype(np.float32).transpose("band", "y", "x")
 
 
-def _tile_table(tiles_url: str, mosaic_name: str, table_crs: str | None) -> pa.Table:
+def _tile_table(store: Any, mosaic_name: str, table_crs: str | None) -> pa.Table:
     """GeoParquet-ready Arrow table of the done tiles' pooled vectors (geometry as WKB in ``table_crs``)."""
-    store = open_tile_store(tiles_url)
     done = store.done
     prov = store.provenance
     vectors = np.asarray(store.group["pooled"][:], dtype=np.float32)[done]  # (M, C)
@@ -185,31 +192,121 @@ def _write_mosaic(mosaic: xr.Dataset, url: str, quantized: bool, name: str) -> N
     out.to_zarr(store_path(url), zarr_format=3, consolidated=False, mode="w")
 
 
-def _add(archive_url: str, meta: dict[str, Any], mosaic_url: str, tiles_url: str, name: str) -> None:
-    mosaic = open_mosaic(mosaic_url)
-    tiles = open_tile_store(tiles_url)
-    check_provenance(meta["provenance"], mosaic.attrs.get("provenance", {}), what=mosaic_url, against=archive_url)
-    check_provenance(meta["provenance"], tiles.provenance, what=tiles_url, against=archive_url)
+def source_fingerprint(mosaic: xr.Dataset, store: Any) -> str:
+    """Content hash of what a mosaic adds to an archive (its tile store's tiles, tiling and provenance, its blend).
+
+    Args:
+        mosaic: the opened mosaic (only its ``blend`` attribute counts: the pixels follow from the tiles).
+        store: its opened tile store (:func:`pipeline.mosaic.tiles.open_tile_store`).
+    """
+    done = store.done
+    pooled = np.ascontiguousarray(np.asarray(store.group["pooled"][:], dtype=np.float32)[done])
+    content = {
+        "grid": [str(store.crs), [float(v) for v in tuple(store.transform)[:6]], int(store.height), int(store.width)],
+        "tiling": [store.kind, list(store.channels), store.tile_size, store.overlap, store.margin],
+        "context_radius": store.context_radius,
+        "provenance": store.provenance,
+        "tiles": [[store.tile_ids[i], *(int(v) for v in store.origins[i])] for i in done.tolist()],
+        "pooled_sha256": hashlib.sha256(pooled.tobytes()).hexdigest(),
+        "blend": mosaic.attrs.get("blend"),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class _Sources:
+    """An opened mosaic + tile store pair and its fingerprint."""
+
+    mosaic_url: str
+    tiles_url: str
+    mosaic: xr.Dataset
+    store: Any
+    fingerprint: str
+
+    @classmethod
+    def open(cls, mosaic_url: str, tiles_url: str) -> _Sources:
+        mosaic, store = open_mosaic(mosaic_url), open_tile_store(tiles_url)
+        return cls(mosaic_url, tiles_url, mosaic, store, source_fingerprint(mosaic, store))
+
+    def record(self) -> dict[str, Any]:
+        """What ``archive.json`` keeps about them."""
+        return {"fingerprint": self.fingerprint, "tiles_url": self.tiles_url, "mosaic_url": self.mosaic_url,
+                "tiles": len(self.store.done)}  # fmt: skip
+
+
+def _add(archive_url: str, meta: dict[str, Any], src: _Sources, name: str | None) -> str | None:
+    """Add ``src`` as mosaic ``name`` (default: the next number); ``None`` when the archive already holds it."""
+    check_provenance(meta["provenance"], src.mosaic.attrs.get("provenance", {}), what=src.mosaic_url,
+                     against=archive_url)  # fmt: skip
+    check_provenance(meta["provenance"], src.store.provenance, what=src.tiles_url, against=archive_url)
+    sources = meta.setdefault("sources", {})
+    same = [n for n in meta["mosaics"] if (sources.get(n) or {}).get("fingerprint") == src.fingerprint]
+    if same and name in (None, *same):
+        log.info("%s already holds the tiles of %s as mosaic %r: nothing to append", archive_url, src.tiles_url,
+                 same[0])  # fmt: skip
+        return None
+    if same:
+        raise DuplicateSourcesError(
+            f"{archive_url} already holds the tiles of {src.tiles_url} as mosaic {same[0]!r} (sources fingerprint "
+            f"{src.fingerprint[:12]}); appending them again as {name!r} would count every tile twice"
+        )
+    name = name or f"{len(meta['mosaics']):04d}"
     if name in meta["mosaics"]:
-        raise ValueError(f"{archive_url} already has a mosaic named {name!r}")
-    _write_mosaic(mosaic, join_url(archive_url, "mosaics", f"{name}.zarr"), meta["quantized"], name)
+        raise ValueError(f"{archive_url} already has a mosaic named {name!r} (from other tiles)")
+    _write_mosaic(src.mosaic, join_url(archive_url, "mosaics", f"{name}.zarr"), meta["quantized"], name)
     table_url = join_url(archive_url, "tiles.parquet")
-    new = _tile_table(tiles_url, name, meta["crs"])
-    fs, path = fsspec.core.url_to_fs(table_url)
-    if fs.exists(path):
-        old = _read_table(table_url)
+    new = _tile_table(src.store, name, meta["crs"])
+    if exists(table_url):
+        old = _read_table(table_url).replace_schema_metadata(None)
         if old.schema.field("vector").type != new.schema.field("vector").type:
             raise ProvenanceError(f"vector type {new.schema.field('vector').type} != {old.schema.field('vector').type}")
-        new = pa.concat_tables([old.replace_schema_metadata(None), new])
+        committed = pc.is_in(old["mosaic"], value_set=pa.array(meta["mosaics"], pa.string()))
+        if not pc.all(committed).as_py():  # rows of an append killed before it wrote archive.json
+            orphans = len(old) - pc.sum(committed).as_py()
+            log.warning("%s: dropping %d table rows of an append that did not finish", archive_url, orphans)
+            old = old.filter(committed)
+        new = pa.concat_tables([old, new])
     _write_table(table_url, new, meta["crs"])
     meta["mosaics"].append(name)
-    _write_bytes(join_url(archive_url, "archive.json"), json.dumps(meta, indent=1).encode())
+    sources[name] = src.record()
+    write_json(join_url(archive_url, "archive.json"), meta, indent=1)  # the commit point
+    return name
+
+
+def _clear(archive_url: str) -> None:
+    """Remove an archive's contents but not its lease (``archive.json`` first: a half-cleared one is no archive)."""
+    remove(join_url(archive_url, "archive.json"))
+    fs, path = fsspec.core.url_to_fs(archive_url)
+    if not fs.exists(path):
+        return
+    for entry in fs.ls(path, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in (LEASE_FILE, LOCK_FILE):
+            fs.rm(entry, recursive=True)
+
+
+def _settings(meta: dict[str, Any]) -> str:
+    """Everything in ``archive.json`` but the mosaic list, canonically (to compare two archives)."""
+    return json.dumps({k: v for k, v in meta.items() if k not in ("mosaics", "sources")}, sort_keys=True, default=str)
+
+
+def _read_meta(archive_url: str) -> dict[str, Any] | None:
+    meta = read_json(join_url(archive_url, "archive.json"), default=None)
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def build_archive(
-    mosaic_url: str, tiles_url: str, archive_url: str, quantize: bool = True, *, name: str = "0000"
+    mosaic_url: str,
+    tiles_url: str,
+    archive_url: str,
+    quantize: bool = True,
+    *,
+    name: str = "0000",
+    break_lease: bool = False,
 ) -> str:
-    """Create an embedding archive from one stitched mosaic and its tile store (replacing any archive there).
+    """Create an embedding archive from one stitched mosaic and its tile store (replacing any other archive there).
+
+    If ``archive_url`` already is exactly this archive (same sources fingerprint, name, quantization and
+    provenance, and nothing else), nothing is written.
 
     Args:
         mosaic_url: an ``embeddings`` mosaic from :func:`pipeline.mosaic.stitch.stitch_tiles`.
@@ -217,29 +314,53 @@ def build_archive(
         archive_url: output folder (local path or fsspec URL).
         quantize: store int8 + per-channel scale / zero point (default) instead of float32.
         name: the mosaic's name inside the archive.
+        break_lease: take the archive's lease even if another run seems to hold it (that run is dead).
 
     Returns:
         ``archive_url``.
+
+    Raises:
+        pipeline.lease.LeaseHeldError: another run is writing this archive.
     """
-    fs, path = fsspec.core.url_to_fs(archive_url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    tiles = open_tile_store(tiles_url)
-    prov = {k: tiles.provenance.get(k) for k in _DESCRIBE}
-    meta = {"format": FORMAT, "version": VERSION, "provenance": prov, "quantized": bool(quantize),
-            "crs": tiles.crs, "mosaics": []}  # fmt: skip
-    _add(archive_url, meta, mosaic_url, tiles_url, name)
+    with OutputLease(archive_url, what="embedding archive", force=break_lease):
+        src = _Sources.open(mosaic_url, tiles_url)
+        prov = {k: src.store.provenance.get(k) for k in _DESCRIBE}
+        meta = {"format": FORMAT, "version": VERSION, "provenance": prov, "quantized": bool(quantize),
+                "crs": src.store.crs, "mosaics": [], "sources": {}}  # fmt: skip
+        old = _read_meta(archive_url)
+        if old is not None:
+            old_source = (old.get("sources") or {}).get(name) or {}
+            if (
+                _settings(old) == _settings(meta)
+                and old["mosaics"] == [name]
+                and old_source.get("fingerprint") == src.fingerprint
+            ):
+                log.info("%s already holds mosaic %r of %s: up to date", archive_url, name, tiles_url)
+                return archive_url
+            dropped = [n for n in old["mosaics"] if n != name]
+            if dropped:
+                log.warning("%s: rebuilding the archive drops its other mosaics %s", archive_url, dropped)
+        _clear(archive_url)
+        _add(archive_url, meta, src, name)
     return archive_url
 
 
-def append_to_archive(archive_url: str, mosaic_url: str, tiles_url: str, *, name: str | None = None) -> str:
+def append_to_archive(
+    archive_url: str, mosaic_url: str, tiles_url: str, *, name: str | None = None, break_lease: bool = False
+) -> str:
     """Add another mosaic (same model and preprocessing; any region or time) to an existing archive.
+
+    Appending sources the archive already holds (same fingerprint) under the same name or without a name does
+    nothing; under another name it raises :class:`DuplicateSourcesError`.
 
     Raises:
         ProvenanceError: the new tiles or mosaic come from another checkpoint or preprocessing.
+        DuplicateSourcesError: these tiles are already in the archive under another name.
+        pipeline.lease.LeaseHeldError: another run is writing this archive.
     """
-    meta = open_archive(archive_url).meta
-    _add(archive_url, meta, mosaic_url, tiles_url, name or f"{len(meta['mosaics']):04d}")
+    with OutputLease(archive_url, what="embedding archive", force=break_lease):
+        meta = open_archive(archive_url).meta
+        _add(archive_url, meta, _Sources.open(mosaic_url, tiles_url), name)
     return archive_url
 
 
@@ -277,7 +398,7 @@ class Archive:
 
 def open_archive(archive_url: str, expect: dict[str, Any] | None = None) -> Archive:
     """Open an archive, checking that its table and mosaics (and ``expect``, if given) share one provenance."""
-    meta = _read_json(join_url(archive_url, "archive.json"))
+    meta = read_json(join_url(archive_url, "archive.json"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{archive_url} is not a {FORMAT} (format {meta.get('format')!r})")
     if expect is not None:

@@ -2,7 +2,10 @@
 
 Three steps, each with bounded memory: the Dask blocks are computed in batches (any scheduler, ``distributed``
 included) and written into a tiled intermediate GeoTIFF next to the output; GDAL builds the overview pyramid in
-it; GDAL copies it into COG layout (``COPY_SRC_OVERVIEWS``). Validity is checked with
+it; GDAL copies it into COG layout (``COPY_SRC_OVERVIEWS``). All three happen in a work folder
+``.cog-<pid>-<machine>-*`` beside the target, and only the finished file replaces the target (``os.replace``; on
+object stores one upload of the finished file), so a failed or killed write leaves the previous COG untouched; the
+next write into that folder removes work folders whose writer is dead. Validity is checked with
 ``rio_cogeo.cogeo.cog_validate`` (:func:`cog_info`). Up to 4 bands are pixel-interleaved, more are band-interleaved
 so that reading one band of an embedding COG decompresses only that band.
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import dask
@@ -35,6 +41,7 @@ from rasterio.enums import Resampling
 from rasterio.shutil import copy as rio_copy
 from rasterio.windows import Window
 
+from pipeline.lease import node_tag, process_alive
 from pipeline.mosaic.stitch import CLASS_NODATA, MOSAIC_VAR, open_mosaic
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,8 @@ log = logging.getLogger(__name__)
 _GDAL_CACHE_MB = 256
 _BATCH_BYTES = 256 * 2**20  # computed blocks held before writing
 _PIXEL_INTERLEAVE_MAX_BANDS = 4  # beyond this, band interleave keeps a block at blocksize^2 x 4 B
+_WORK_DIR = re.compile(r"^\.cog-(?P<pid>\d+)-(?P<node>[0-9a-f]{8})-[^-]+$")
+_FOREIGN_WORK_DIR_AGE_S = 24 * 3600.0  # a write on another machine is surely over after a day
 
 
 def dataarray_to_cog(
@@ -58,7 +67,8 @@ def dataarray_to_cog(
 
     Args:
         arr: array with a CRS (``.rio.crs``) and regular x/y coordinates.
-        cog_path: local path or fsspec URL (non-local targets are written locally, then uploaded).
+        cog_path: local path or fsspec URL (non-local targets are written locally, then uploaded). An existing
+            file there is replaced only by the finished COG.
         descriptions: band descriptions (default: the ``band`` coordinate, if any).
         nodata: no-data value (default: NaN for floats, none for integers).
         resampling: overview resampling (``average`` for continuous values, ``nearest``/``mode`` for classes).
@@ -84,17 +94,18 @@ def dataarray_to_cog(
     work_dir = os.path.dirname(os.path.abspath(path)) if local else None
     if work_dir:
         os.makedirs(work_dir, exist_ok=True)
+        remove_stale_work_dirs(work_dir)
     env = rasterio.Env(
         GDAL_CACHEMAX=_GDAL_CACHE_MB, GDAL_NUM_THREADS="ALL_CPUS", GDAL_TIFF_OVR_BLOCKSIZE=str(blocksize),
         COMPRESS_OVERVIEW="DEFLATE", PREDICTOR_OVERVIEW=str(predictor), INTERLEAVE_OVERVIEW=interleave,
     )  # fmt: skip
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".cog-") as tmp, env:
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix=_work_prefix()) as tmp, env:
         raw = os.path.join(tmp, "raw.tif")
         _write_raw(arr, raw, blocksize=blocksize, nodata=nodata, descriptions=descriptions, tags=tags or {})
         with rasterio.open(raw, "r+") as dst:
             dst.build_overviews(overview_factors(arr.shape[1], arr.shape[2], blocksize), Resampling[resampling])
             dst.update_tags(ns="rio_overview", resampling=resampling)
-        target = path if local else os.path.join(tmp, "out.tif")
+        target = os.path.join(tmp, "out.tif")
         # the classic COG recipe: GTiff CreateCopy with COPY_SRC_OVERVIEWS puts IFDs and overviews before the
         # full-resolution data; unlike GDAL 3.10's COG driver it honours INTERLEAVE=BAND
         rio_copy(
@@ -102,11 +113,58 @@ def dataarray_to_cog(
             BLOCKYSIZE=blocksize, COMPRESS="DEFLATE", PREDICTOR=predictor, INTERLEAVE=interleave,
             BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
         )  # fmt: skip
-        if not local:
-            fs.put_file(target, path)
+        if local:
+            _replace_durably(target, path)
+        else:
+            fs.put_file(target, path)  # only once complete; one PUT (or multipart upload) appears atomically
     size = fs.size(path)
     log.info("wrote COG %s: %d band(s), %.1f MB", cog_path, count, size / 2**20)
     return cog_path
+
+
+def _work_prefix() -> str:
+    """``.cog-<pid>-<machine>-``: lets a later write tell a killed run's work folder from a live one's."""
+    return f".cog-{os.getpid()}-{node_tag()}-"
+
+
+def remove_stale_work_dirs(folder: str, *, max_age_s: float = _FOREIGN_WORK_DIR_AGE_S) -> list[str]:
+    """Delete the ``.cog-*`` work folders that killed writes left in ``folder``; returns their paths.
+
+    A folder of this machine is stale when its writer's pid no longer runs; one of another machine (a shared
+    file system) or of an older naming when it has not changed for ``max_age_s``.
+    """
+    removed = []
+    for entry in os.scandir(folder):
+        if not (entry.name.startswith(".cog-") and entry.is_dir(follow_symlinks=False)):
+            continue
+        match = _WORK_DIR.match(entry.name)
+        if match and match["node"] == node_tag():
+            stale = not process_alive(int(match["pid"]))
+        else:
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > max_age_s
+            except FileNotFoundError:
+                continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+            log.info("removed %s, left by a COG write that did not finish", entry.path)
+    return removed
+
+
+def _replace_durably(src: str, dst: str) -> None:
+    """Move a finished file over ``dst`` in one step (``os.replace``), fsyncing it first and the folder after."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
+    fd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def overview_factors(height: int, width: int, blocksize: int) -> list[int]:
