@@ -22,7 +22,14 @@ from machine import cpu_name
 
 from pipeline.model import ModalityInput, create_model
 from pipeline.ssl import MultiViewAugment, SSLMetaArch, param_groups
-from pipeline.train.data import MixedDataset, StepBatchSampler, make_loader, measure_loader, to_model_inputs
+from pipeline.train.data import (
+    MixedDataset,
+    StepBatchSampler,
+    batch_region,
+    make_loader,
+    measure_loader,
+    to_model_inputs,
+)
 from pipeline.train.sources import ImageFolderSource
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -36,8 +43,8 @@ def build(name: str, overrides: dict, ssl: dict, augment: dict) -> tuple[SSLMeta
     return meta, opt
 
 
-def step(meta: SSLMetaArch, opt: torch.optim.Optimizer, batch: dict) -> float:
-    out = meta(batch)
+def step(meta: SSLMetaArch, opt: torch.optim.Optimizer, batch: dict, region: torch.Tensor | None = None) -> float:
+    out = meta(batch, region=region)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 3.0)
     opt.step()
@@ -46,13 +53,14 @@ def step(meta: SSLMetaArch, opt: torch.optim.Optimizer, batch: dict) -> float:
     return float(out["loss"].detach())
 
 
-def timed_steps(meta: SSLMetaArch, opt: torch.optim.Optimizer, batches: list[dict], warmup: int = 1) -> dict:
-    for b in batches[:warmup]:
-        step(meta, opt, b)
+def timed_steps(meta: SSLMetaArch, opt: torch.optim.Optimizer, batches: list[tuple[dict, torch.Tensor | None]],
+                warmup: int = 1) -> dict:  # fmt: skip
+    for b, r in batches[:warmup]:
+        step(meta, opt, b, r)
     t0 = time.perf_counter()
     n = 0
-    for b in batches[warmup:]:
-        step(meta, opt, b)
+    for b, r in batches[warmup:]:
+        step(meta, opt, b, r)
         n += next(iter(b.values())).x.shape[0]
     dt = time.perf_counter() - t0
     return {"steps": len(batches) - warmup, "samples": n, "seconds": dt, "samples_per_s": n / dt}
@@ -85,19 +93,22 @@ def bench_tiny(steps: int) -> dict:
                       {"proj_dim": 128, "head_hidden_dim": 512, "num_queries": 16, "max_pixels": 256},
                       {"num_global": 2, "num_local": 2})  # fmt: skip
     loader = make_loader(ds, StepBatchSampler([len(src)], None, 16, seed=1, stop=steps + 1), 0)
-    batches = [to_model_inputs(b) for b in loader]
+    batches = [(to_model_inputs(b), batch_region(b)) for b in loader]  # as the loop: regions go with the batch
     return {"loader_samples_per_s": loader_rates, "step": timed_steps(meta, opt, batches)}
 
 
 def bench_base(steps: int) -> dict:
     meta, opt = build("skysense_v2_base", {}, {}, {"num_global": 2, "num_local": 2})
     g = torch.Generator().manual_seed(0)
-    hr = [{"hr": ModalityInput(torch.randn(2, 1, 3, 64, 64, generator=g), gsd=0.625)} for _ in range(steps + 1)]
+    hr = [({"hr": ModalityInput(torch.randn(2, 1, 3, 64, 64, generator=g), gsd=0.625)}, None) for _ in range(steps + 1)]
     ms = [
-        {
-            "s2": ModalityInput(torch.randn(2, 2, 10, 8, 8, generator=g), doy=torch.tensor([[100, 200]] * 2)),
-            "s1": ModalityInput(torch.randn(2, 2, 2, 8, 8, generator=g), doy=torch.tensor([[101, 201]] * 2)),
-        }
+        (
+            {
+                "s2": ModalityInput(torch.randn(2, 2, 10, 8, 8, generator=g), doy=torch.tensor([[100, 200]] * 2)),
+                "s1": ModalityInput(torch.randn(2, 2, 2, 8, 8, generator=g), doy=torch.tensor([[101, 201]] * 2)),
+            },
+            None,  # unknown location
+        )
         for _ in range(steps + 1)
     ]
     res = {"hr_64px": timed_steps(meta, opt, hr), "s2_s1_8px_2dates": timed_steps(meta, opt, ms)}

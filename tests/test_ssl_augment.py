@@ -143,3 +143,14 @@ def test_mismatched_footprints_are_rejected() -> None:
     batch["s1"] = ModalityInput(torch.zeros(3, 2, 2, 5, 5))
     with pytest.raises(ValueError, match="different ground extents"):
         _geometric_only()(batch)
+
+
+def test_photometric_augmentation_follows_the_modality_family() -> None:
+    from dataclasses import replace
+
+    from pipeline.modalities import HR, S1, S2
+
+    assert (_geometric_only().optical, _geometric_only().sar) == (("hr", "s2"), ("s1",))
+    aug = MultiViewAugment((replace(HR, name="planet"), replace(S1, name="s1_asc"), S2))
+    assert aug.optical == ("planet", "s2") and aug.sar == ("s1_asc",)  # facts of the spec, not names
+    assert MultiViewAugment(SPECS, optical=(), sar=("s1",)).optical == ()  # explicit choice still possible

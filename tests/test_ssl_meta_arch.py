@@ -12,13 +12,13 @@ MICRO = {"dims": (32, 64, 96, 128), "depths": (1, 1, 1, 1), "fusion_dim": 64, "f
 COMPONENTS = ("loss_qsacl", "loss_mgcl_pixel", "loss_mgcl_object", "loss_mgcl_image", "loss_gcpl", "loss_moe")
 
 
-def _meta(seed: int = 0) -> SSLMetaArch:
+def _meta(seed: int = 0, num_regions: int = 2) -> SSLMetaArch:
     torch.manual_seed(seed)
     model = create_model("skysense_v2_tiny", **MICRO)
     aug = MultiViewAugment(model.config.modalities, num_global=2, num_local=2, global_scale=(0.5, 1.0),
                            local_scale=(0.25, 0.25))  # fmt: skip
     return SSLMetaArch(model, num_queries=4, proj_dim=32, head_hidden_dim=64, query_heads=2, augment=aug,
-                       max_pixels=256, region_size=2, num_regions=2, num_prototypes=4)  # fmt: skip
+                       max_pixels=256, region_size=2, num_regions=num_regions, num_prototypes=4)  # fmt: skip
 
 
 def _batch(B: int = 4, T: int = 2, G: int = 4, hr: bool = True) -> dict[str, ModalityInput]:
@@ -88,3 +88,35 @@ def test_update_teacher_and_fixed_batch_learning() -> None:
     meta.update_teacher(0.0)  # momentum 0: the teacher becomes the student
     for t, s in zip(meta.teacher_modules.parameters(), params):
         torch.testing.assert_close(t, s)
+
+
+def _changed_regions(before: torch.Tensor, after: torch.Tensor) -> set[int]:
+    return {r for r in range(before.shape[0]) if not torch.equal(before[r], after[r])}
+
+
+def test_gcpl_gets_each_samples_region() -> None:
+    """A batch mixing regions moves the prototypes of exactly those regions; no region = unknown location."""
+    meta = _meta(num_regions=6)
+    before = meta.gcpl.prototypes.clone()
+    with torch.no_grad():
+        meta(_batch(), region=torch.tensor([0, 3, 3, 0]), generator=torch.Generator().manual_seed(0))
+    assert _changed_regions(before, meta.gcpl.prototypes) == {0, 3}
+    before = meta.gcpl.prototypes.clone()
+    with torch.no_grad():
+        meta(_batch(), generator=torch.Generator().manual_seed(1))
+    assert _changed_regions(before, meta.gcpl.prototypes) == {5}  # the unknown-location prototypes only
+
+
+@pytest.mark.parametrize(
+    ("region", "match"),
+    [
+        (torch.tensor([0, 6, 1, 1]), r"region ids must lie in \[0, 6\).*got 0\.\.6"),
+        (torch.tensor([0, -1, 1, 1]), r"must lie in \[0, 6\)"),
+        (torch.tensor([0, 1]), r"\(B,\) = \(4,\)"),
+        (torch.tensor([0.0, 1.0, 1.0, 1.0]), "integer"),
+    ],
+)
+def test_bad_region_ids_are_a_clear_error(region: torch.Tensor, match: str) -> None:
+    meta = _meta(num_regions=6)
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        meta(_batch(), region=region, generator=torch.Generator().manual_seed(0))

@@ -98,3 +98,59 @@ def test_cube_source_errors(tmp_path: Path) -> None:
     write_cube(url)
     with pytest.raises(ValueError, match="no 64 x 64 window"):
         CubeSource(str(url), size=64, min_valid=0.99)  # HR misses the first row/column of the only cell
+
+
+def _window_lonlat(src, y0: int, x0: int) -> tuple[float, float]:
+    """WGS84 centre of a window, computed here from the scene's own transform (not the cube's coordinates)."""
+    import rasterio
+    from pyproj import Transformer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(sorted(SCENES.glob("S2L1C_*.tif"))[0]) as f:
+            crs, t = f.crs, f.transform
+    x = round(t.c) + (x0 + src.size / 2) * 10.0  # the cube snaps the scene's corner to whole metres (write_cube)
+    y = round(t.f) - (y0 + src.size / 2) * 10.0
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+
+
+def test_cube_samples_carry_the_region_of_their_location(tmp_path: Path) -> None:
+    from pipeline.ssl.regions import region_id
+    from pipeline.train.cubes import CubeSource
+
+    url = tmp_path / "slovenia.zarr"
+    write_cube(url)
+    src = CubeSource(str(url), size=16, num_dates=2, num_regions=4097)
+    for i in (0, 7, 35):
+        for rng in (None, np.random.default_rng(i)):
+            s = src.get(i, rng)
+            assert s["region"].dtype == torch.int64 and s["region"].shape == ()
+            # Known answer: the patch (lon 14.551-14.564, lat 45.866-45.875) lies in cell 27 * 128 + 69 of 32 x 128.
+            assert int(s["region"]) == 3525
+    lon, lat = _window_lonlat(src, *src.window(7, None))
+    assert 14.551 < lon < 14.564 and 45.866 < lat < 45.875
+    assert int(CubeSource(str(url), size=16, num_regions=16).get(7)["region"]) == 12
+    # The window, not the cube, decides: on a grid of ~1 km cells the 36 windows span 4 regions, each that of the
+    # window's own centre.
+    fine = CubeSource(str(url), size=16, num_regions=200_000_001)  # 8000 bands x 25000 sectors
+    ids = set()
+    for i in range(len(fine)):
+        y0, x0 = fine.window(i, None)
+        ids.add(int(fine.get(i)["region"]))
+        assert fine.region(y0, x0) == region_id(*_window_lonlat(fine, y0, x0), 200_000_001)
+    assert len(ids) == 4
+
+
+def test_single_acquisition_modalities_take_one_date(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline.train.cubes import CubeSource
+
+    url = tmp_path / "c.zarr"
+    write_cube(url)
+    # The number of dates follows the spec's ``temporal`` fact, not the group's name.
+    specs = {"s2": replace(get_modality("s2"), temporal=False), "hr": replace(get_modality("hr"), temporal=True)}
+    src = CubeSource(str(url), size=16, num_dates=3, specs=specs)
+    assert src.num_dates == {"s2": 1, "hr": 3}
+    s = src.get(0, np.random.default_rng(0))
+    assert s["s2"]["x"].shape[0] == 1 and s["hr"]["x"].shape[0] == 3

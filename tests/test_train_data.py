@@ -127,3 +127,56 @@ def test_mixed_loader_batches_feed_the_model() -> None:
     assert rate.samples == 16 and rate.samples_per_s > 0
     with pytest.raises(ValueError, match="different modalities"):
         collate([sources[0].get(0), sources[1].get(0)])
+
+
+@needs_data
+def test_sources_without_georeference_take_the_spec_region() -> None:
+    from pipeline.train.data import batch_region, build_sources
+    from pipeline.train.sources import ChangePairSource, ImageFolderSource
+
+    default = ImageFolderSource(DATA / "rsscn7", size=32)
+    s = default.get(0, np.random.default_rng(0))
+    assert s["region"].dtype == torch.int64 and int(s["region"]) == 15  # 16 regions: 15 = unknown location
+    assert int(ImageFolderSource(DATA / "rsscn7", size=32, region=3).get(0)["region"]) == 3
+    texas = ChangePairSource(DATA / "levir_cd", size=32, region=(-97.74, 30.27), num_regions=4097)
+    assert int(texas.get(0, np.random.default_rng(0))["region"]) == 24 * 128 + 29  # sin 30.27 = 0.504, 82.26 deg
+    with pytest.raises(ValueError, match="out of range"):
+        ImageFolderSource(DATA / "rsscn7", size=32, region=16)
+    # The spec's entries reach the sources; collate stacks the ids.
+    data = [{"kind": "images", "path": str(DATA / "rsscn7"), "size": 32, "gsd": 0.625, "scale": (0.2, 1.0),
+             "region": [14.5575, 45.8705]},
+            {"kind": "bigearthnet", "path": str(DATA / "bigearthnet_v1"), "size": 8, "region": None}]  # fmt: skip
+    (images, ben), _ = build_sources(data, num_regions=4097)
+    batch = collate([images.get(i, np.random.default_rng(i)) for i in range(3)])
+    assert torch.equal(batch_region(batch), torch.tensor([3525] * 3))
+    assert torch.equal(collate([ben.get(0), ben.get(1)])["region"], torch.tensor([4096, 4096]))
+    with pytest.raises(ValueError, match="no 'region'"):
+        batch_region({"hr": batch["hr"]})
+
+
+@needs_data
+def test_georeferenced_bigearthnet_patch_uses_its_own_location(tmp_path: Path) -> None:
+    import shutil
+
+    import rasterio
+    from affine import Affine
+
+    from pipeline.train.sources import BigEarthNetSource, read_georef
+
+    root = tmp_path / "ben"
+    shutil.copytree(DATA / "bigearthnet_v1", root)
+    patch = sorted(p.parent for p in root.glob("*/labels.json"))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(patch / "S2_10m.tif", "r+") as f:  # as in the original BigEarthNet: UTM, 10 m
+            f.crs, f.transform = "EPSG:32633", Affine(10, 0, 465000, 0, -10, 5080200)
+    read_georef.cache_clear()
+    src = BigEarthNetSource(root, region=7, num_regions=4097)
+    i = src.patches.index(patch)
+    # Patch centre (465600, 5079600) in UTM 33N = lon 14.555, lat 45.872: the Slovenia cell.
+    assert int(src.get(i)["region"]) == 3525
+    other = next(k for k in range(len(src)) if k != i)
+    assert int(src.get(other)["region"]) == 7  # no CRS: the spec's region
+    crops = BigEarthNetSource(root, size=8, num_regions=200_000_001)  # ~1 km cells: the crop's centre decides
+    ids = {int(crops.get(i, np.random.default_rng(s))["region"]) for s in range(40)}
+    assert len(ids) >= 2

@@ -43,6 +43,13 @@ def test_defaults_and_resolution() -> None:
         ({"data": []}, "at least 1"),
         ({"stepz": 3}, "stepz"),
         ({"optim": {"lr": -1}}, "lr"),
+        ({"data": [{"kind": "images", "path": "x", "region": 16}]}, r"data\[0\]\.region: region id 16 is out of range"),
+        ({"data": [{"kind": "images", "path": "x", "region": -1}]}, "region id is >= 0"),
+        ({"data": [{"kind": "change_pairs", "path": "x", "region": [200.0, 10.0]}]}, r"\[lon, lat\]"),
+        ({"data": [{"kind": "bigearthnet", "path": "x", "region": 2.5}]}, "region"),
+        ({"data": [{"kind": "cube", "path": "x", "region": 3}]}, "region"),  # a cube knows where it lies
+        ({"ssl": {"options": {"num_regions": 1}}}, "num_regions must be an integer >= 2"),
+        ({"ssl": {"options": {"num_regions": "many"}}}, "num_regions"),
     ],
 )
 def test_invalid_specs_fail_with_the_field(over: dict, match: str, tmp_path: Path) -> None:
@@ -52,6 +59,19 @@ def test_invalid_specs_fail_with_the_field(over: dict, match: str, tmp_path: Pat
     p.write_text(yaml.safe_dump(_spec(**over)))
     with pytest.raises(ValueError, match=match):
         load_pretrain_spec(p)
+
+
+def test_region_of_sources_without_georeference() -> None:
+    data = [
+        {"kind": "images", "path": "x"},
+        {"kind": "change_pairs", "path": "y", "region": [-97.74, 30.27]},
+        {"kind": "bigearthnet", "path": "z", "region": 4096},
+    ]
+    spec = PretrainSpec.model_validate(_spec(data=data, ssl={"options": {"num_regions": 4097}}))
+    assert [d.region for d in spec.data] == [None, (-97.74, 30.27), 4096] and spec.num_regions == 4097
+    assert PretrainSpec.model_validate(_spec()).num_regions == 16  # the meta-architecture's default
+    base = load_pretrain_spec(ROOT / "jobs" / "pretrain-base.yaml")
+    assert base.num_regions == 4097  # 4096 geographic cells (the paper's count) + unknown
 
 
 def test_cli_parser_has_pretrain() -> None:

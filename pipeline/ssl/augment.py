@@ -174,7 +174,8 @@ class MultiViewAugment:
         num_global, num_local: views per group (local may be 0).
         global_scale, local_scale: crop area as a fraction of the tile, (min, max).
         min_size: smallest crop side in grid cells.
-        optical, sar: modalities that get colour jitter / speckle.
+        optical, sar: names of the modalities that get colour jitter / speckle (default: by each spec's
+            ``family``).
         color_jitter: (brightness, contrast, band gain) amplitudes in normalised units; ``p_color`` per sample.
         speckle_looks: ``L`` of the multiplicative Gamma speckle; ``p_speckle`` per sample.
         date_drop: probability of masking each date of a time series.
@@ -192,8 +193,8 @@ class MultiViewAugment:
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.1, 0.35),
         min_size: int = 2,
-        optical: Sequence[str] = ("hr", "s2"),
-        sar: Sequence[str] = ("s1",),
+        optical: Sequence[str] | None = None,
+        sar: Sequence[str] | None = None,
         color_jitter: tuple[float, float, float] = (0.2, 0.2, 0.1),
         p_color: float = 0.8,
         speckle_looks: int = 4,
@@ -207,7 +208,9 @@ class MultiViewAugment:
         self.grid_gsd = grid_gsd
         self.num_global, self.num_local = num_global, num_local
         self.global_scale, self.local_scale, self.min_size = global_scale, local_scale, min_size
-        self.optical, self.sar = tuple(optical), tuple(sar)
+        by_family = {f: tuple(n for n, m in self.specs.items() if m.family == f) for f in ("optical", "sar")}
+        self.optical = tuple(optical) if optical is not None else by_family["optical"]
+        self.sar = tuple(sar) if sar is not None else by_family["sar"]
         self.color_jitter, self.p_color = color_jitter, p_color
         self.speckle_looks, self.p_speckle = speckle_looks, p_speckle
         self.date_drop, self.modality_drop = date_drop, modality_drop

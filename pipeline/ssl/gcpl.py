@@ -7,7 +7,8 @@ cells of that region in the batch); the student predicts that assignment for the
 another view (SwAV-style swapped prediction, cross-entropy). [ours] The prototypes are a buffer of this loss,
 updated by EMA of the teacher embeddings hard-assigned to them, not by gradients: the teacher-student pair
 already has an EMA target and the prototypes must not drift with the student's noise. The region of a sample
-is an integer the data loader supplies (e.g. a lat/lon bin); without one every sample is region 0.
+is an integer the data loader supplies: its equal-area lat/lon cell, or the last id for an unknown location
+(:mod:`pipeline.ssl.regions`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .regions import DEFAULT_NUM_REGIONS
 
 
 @torch.no_grad()
@@ -47,7 +50,7 @@ class GCPLLoss(nn.Module):
 
     Args:
         dim: embedding width.
-        num_regions: geographic regions (``region`` ids lie in [0, num_regions)).
+        num_regions: geographic regions (``region`` ids lie in [0, num_regions), see :mod:`pipeline.ssl.regions`).
         num_prototypes: prototypes per region.
         temperature: softmax temperature of the student's prediction.
         epsilon, iterations: Sinkhorn-Knopp settings.
@@ -56,7 +59,7 @@ class GCPLLoss(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_regions: int = 16, num_prototypes: int = 8, temperature: float = 0.1,
+        self, dim: int, num_regions: int = DEFAULT_NUM_REGIONS, num_prototypes: int = 8, temperature: float = 0.1,
         epsilon: float = 0.05, iterations: int = 3, momentum: float = 0.99,
     ) -> None:  # fmt: skip
         super().__init__()

@@ -27,6 +27,7 @@ from .ema import update_ema
 from .gcpl import GCPLLoss
 from .mgcl import MGCLLoss, matched_cells, sample_cells
 from .qsacl import QSACLLoss
+from .regions import DEFAULT_NUM_REGIONS, unknown_region
 
 
 class SSLMetaArch(nn.Module):
@@ -43,7 +44,8 @@ class SSLMetaArch(nn.Module):
         temperature: InfoNCE temperature of MGCL and QSACL.
         max_pixels: cells sampled per view pair for pixel-level MGCL and GCPL.
         region_size: object-level block side (grid cells).
-        num_regions, num_prototypes: GCPL regions x prototypes (paper: 4096 x 100).
+        num_regions, num_prototypes: GCPL regions x prototypes (paper: 4096 x 100); region ids follow
+            :mod:`pipeline.ssl.regions` (the last one is the unknown location).
         augment: the view generator; default: 2 global + 4 local views with the model's modalities.
         distributed: gather batch-level teacher keys of all ranks as InfoNCE negatives.
 
@@ -66,7 +68,7 @@ class SSLMetaArch(nn.Module):
         temperature: float = 0.2,
         max_pixels: int = 1024,
         region_size: int = 4,
-        num_regions: int = 16,
+        num_regions: int = DEFAULT_NUM_REGIONS,
         num_prototypes: int = 8,
         augment: MultiViewAugment | None = None,
         distributed: bool = False,
@@ -116,7 +118,8 @@ class SSLMetaArch(nn.Module):
 
         Args:
             batch: raw (normalised, un-augmented) samples of any subset of the model's modalities.
-            region: (B,) long geographic region of each sample for GCPL (default: all region 0).
+            region: (B,) long GCPL region of each sample, in ``[0, num_regions)`` (default: all of unknown
+                location, ``num_regions - 1``).
             generator: randomness of views and sampling (a fixed seed gives a fixed set of views).
 
         Returns:
@@ -127,6 +130,7 @@ class SSLMetaArch(nn.Module):
             (num_moe_layers, E): the fraction of the step's student tokens each expert received.
 
         """
+        region = self._check_region(region, batch)
         glob, loc = self.augment(batch, generator)
         groups: list[ViewGroup] = [glob] + ([loc] if loc is not None else [])
         inputs = [g.inputs for g in groups]
@@ -157,12 +161,27 @@ class SSLMetaArch(nn.Module):
         out["expert_load"] = tokens / tokens.sum(-1, keepdim=True).clamp_min(1.0)
         return out
 
+    def _check_region(self, region: Tensor | None, batch: Mapping[str, ModalityInput]) -> Tensor:
+        """(B,) long region ids of the batch: ``region`` checked, or the unknown-location id for every sample."""
+        first = next(iter(batch.values())).x
+        B, n = first.shape[0], self.gcpl.num_regions
+        if region is None:
+            return torch.full((B,), unknown_region(n), dtype=torch.long, device=first.device)
+        if region.shape != (B,) or region.is_floating_point() or region.is_complex():
+            raise ValueError(f"region must be a (B,) = ({B},) integer tensor, got {region.dtype} {tuple(region.shape)}")
+        lo, hi = (int(v) for v in torch.aminmax(region))  # host sync, once per forward (B >= 1)
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"region ids must lie in [0, {n}) (num_regions={n}, {n - 1} = unknown location), got {lo}..{hi}"
+            )
+        return region.long()
+
     def _gcpl(
         self,
         student: list[ViewFeatures],
         teacher: list[ViewFeatures],
         geoms: list[CropGeometry],
-        region: Tensor | None,
+        region: Tensor,
         generator: torch.Generator | None,
     ) -> Tensor:
         """GCPL on cells seen by a student global view and another teacher global view (itself if only one)."""
@@ -173,6 +192,6 @@ class SSLMetaArch(nn.Module):
             u = (v + 1) % len(teacher)
             cs, ct, both = matched_cells(sf.dense, sf.valid, geoms[v], teacher[u].dense, teacher[u].valid, geoms[u])
             s, t, b = sample_cells(cs, ct, both, self.max_pixels, generator)
-            r = torch.zeros_like(b) if region is None else region.to(b.device)[b]
+            r = region.to(b.device)[b]
             terms.append(self.gcpl(s, t, r))
         return torch.stack(terms).mean()

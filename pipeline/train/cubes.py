@@ -10,6 +10,9 @@ least one date of every requested modality is valid on >= ``min_valid`` of it (c
 ``valid`` arrays). A sample picks a candidate cell, jitters the window by up to half a cell (staying inside the
 grid), and draws its dates among those valid on >= ``min_valid`` of the window, in time order. Windows with
 fewer valid dates are padded with invalid dates (``valid`` False, zeros), which the fusion masks out.
+
+A sample's GCPL ``region`` is the cell (:func:`pipeline.ssl.regions.region_id`) of its window's centre, taken
+from the cube's CRS and the window's pixel bounds on the 10 m grid.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import rioxarray  # noqa: F401  (registers the .rio accessor: the group's CRS)
 import torch
 import xarray as xr
 import zarr
 
 from pipeline.modalities import GRID_GSD, ModalitySpec, get_modality
+from pipeline.ssl.regions import DEFAULT_NUM_REGIONS, check_num_regions, region_id
 
-from .sources import Sample, modality_entry
+from .sources import Sample, lonlat, modality_entry, region_tensor
 
 
 def read_window(arr: zarr.Array, lead: tuple, y0: int, x0: int, h: int, w: int, fill: float) -> np.ndarray:
@@ -58,6 +63,7 @@ class _Group:
         self.left, self.top = float(x[0]) - self.gsd / 2, float(y[0]) + self.gsd / 2  # outer edges
         self.shape = (int(ds.sizes["y"]), int(ds.sizes["x"]))
         self.doy = pd.DatetimeIndex(ds["time"].values).dayofyear.to_numpy().astype(np.int64)
+        self.crs = ds.rio.crs.to_wkt() if ds.rio.crs is not None else None
 
     @cached_property
     def arrays(self) -> tuple[zarr.Array, zarr.Array]:
@@ -77,15 +83,18 @@ class CubeSource:
         url: cube path or fsspec URL.
         size: window side in 10 m grid pixels.
         modalities: groups to read (default: every group the cube lists that the model knows).
-        num_dates: dates per sample per modality; HR takes 1 unless given in ``dates_per_modality``.
+        num_dates: dates per sample per time-series modality; a single-acquisition modality (``temporal`` False,
+            e.g. HR) takes 1 unless given in ``dates_per_modality``.
         min_valid: minimum valid fraction of a date within a window (and of a candidate cell).
         specs: modality specs to normalise with (default: the model defaults).
+        num_regions: GCPL regions of the job (a sample's ``region`` is the cell of its window's centre).
 
     """
 
     def __init__(self, url: str, size: int = 16, modalities: Sequence[str] | None = None, num_dates: int = 4,
                  min_valid: float = 0.5, dates_per_modality: dict[str, int] | None = None,
-                 specs: dict[str, ModalitySpec] | None = None) -> None:  # fmt: skip
+                 specs: dict[str, ModalitySpec] | None = None,
+                 num_regions: int = DEFAULT_NUM_REGIONS) -> None:  # fmt: skip
         self.url = str(url)
         try:
             root = zarr.open_group(self.url, mode="r", zarr_format=3)
@@ -98,8 +107,12 @@ class CubeSource:
         if not grids:
             raise ValueError(f"{self.url}: windows are cut on the {GRID_GSD:g} m grid; no group of {names} is on it")
         self.ref = grids[0]
-        self.size, self.min_valid = size, min_valid
-        self.num_dates = {n: (1 if n == "hr" else num_dates) for n in names} | (dates_per_modality or {})
+        if self.ref.crs is None:
+            raise ValueError(f"{self.url}/{self.ref.name}: the cube group has no CRS (spatial_ref)")
+        check_num_regions(num_regions)
+        self.size, self.min_valid, self.num_regions = size, min_valid, num_regions
+        self.num_dates = {n: (num_dates if g.spec.temporal else 1) for n, g in self.groups.items()}
+        self.num_dates |= dates_per_modality or {}
         self.modalities = tuple(names)
         self.cells = self._candidate_cells()
         if len(self.cells) == 0:
@@ -138,6 +151,13 @@ class CubeSource:
             cy, cx = cy + int(rng.integers(-j, j + 1)), cx + int(rng.integers(-j, j + 1))
         return min(max(cy, 0), H - self.size), min(max(cx, 0), W - self.size)
 
+    def region(self, y0: int, x0: int) -> int:
+        """GCPL region of the window with top-left 10 m grid pixel ``(y0, x0)``: the cell of its centre."""
+        half = self.size * self.ref.gsd / 2
+        x = self.ref.left + x0 * self.ref.gsd + half
+        y = self.ref.top - y0 * self.ref.gsd - half
+        return region_id(*lonlat(self.ref.crs, x, y), self.num_regions)
+
     def _dates(self, frac: np.ndarray, n: int, rng: np.random.Generator | None) -> list[int]:
         good = np.flatnonzero(frac >= self.min_valid)
         if len(good) > n:
@@ -170,4 +190,5 @@ class CubeSource:
                     t = t.flip(-2) if flips[1] else t
                     entry[key] = torch.rot90(t, flips[2], dims=(-2, -1)).contiguous()
             sample[name] = entry
+        sample["region"] = region_tensor(self.region(y0, x0))
         return sample

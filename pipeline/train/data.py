@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.model.skysense import ModalityInput
+from pipeline.ssl.regions import DEFAULT_NUM_REGIONS
 
 from .sources import Sample, Source
 
@@ -93,7 +94,12 @@ class StepBatchSampler(Sampler[list[Key]]):
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, Any]:
-    """Stack samples of one source: ``{modality: {"x": (B, T, C, H, W), "doy", "valid", "gsd": (B,)}, "label"}``."""
+    """Stack samples of one source.
+
+    Returns:
+        ``{modality: {"x": (B, T, C, H, W), "doy", "valid", "gsd": (B,)}, "region": (B,) int64, "label": (B, ...)}``
+        (``label`` only from labelled sources).
+    """
     keys = set(samples[0])
     if any(set(s) != keys for s in samples):
         raise ValueError(f"a batch mixes samples with different modalities: {[sorted(s) for s in samples]}")
@@ -125,6 +131,16 @@ def to_model_inputs(batch: Mapping[str, Any], device: torch.device | str = "cpu"
     return out
 
 
+def batch_region(batch: Mapping[str, Any], device: torch.device | str = "cpu") -> Tensor:
+    """(B,) int64 GCPL region ids of a collated batch on ``device`` (see :mod:`pipeline.ssl.regions`)."""
+    if "region" not in batch:
+        raise ValueError(
+            "the batch carries no 'region': every training source must give its samples a GCPL region id "
+            "(see pipeline.train.sources)"
+        )
+    return batch["region"].to(device, dtype=torch.long, non_blocking=True)
+
+
 def make_loader(dataset: MixedDataset, sampler: StepBatchSampler, num_workers: int = 2, pin_memory: bool = False,
                 prefetch_factor: int = 4) -> DataLoader:  # fmt: skip
     """A DataLoader over ``sampler``'s batches: ``num_workers`` processes, each ``prefetch_factor`` batches ahead.
@@ -138,8 +154,15 @@ def make_loader(dataset: MixedDataset, sampler: StepBatchSampler, num_workers: i
                       pin_memory=pin_memory, **kwargs)  # fmt: skip
 
 
-def build_sources(sources: Sequence[Mapping[str, Any]]) -> tuple[list[Source], list[float]]:
-    """Sources (and their weights) from plain data-source dicts (``PretrainSpec.data`` entries, ``kind`` keyed)."""
+def build_sources(
+    sources: Sequence[Mapping[str, Any]], num_regions: int = DEFAULT_NUM_REGIONS
+) -> tuple[list[Source], list[float]]:
+    """Sources (and their weights) from plain data-source dicts (``PretrainSpec.data`` entries, ``kind`` keyed).
+
+    Args:
+        sources: the data-source dicts.
+        num_regions: GCPL regions of the job (the meta-architecture's ``num_regions``).
+    """
     from .cubes import CubeSource
     from .sources import BigEarthNetSource, ChangePairSource, ImageFolderSource
 
@@ -148,15 +171,17 @@ def build_sources(sources: Sequence[Mapping[str, Any]]) -> tuple[list[Source], l
     for d in sources:
         d = dict(d)
         kind, weight = d.pop("kind"), float(d.pop("weight", 1.0))
+        where = {"region": d.get("region"), "num_regions": num_regions}
         if kind == "images":
-            built.append(ImageFolderSource(d["path"], size=d["size"], gsd=d["gsd"], scale=tuple(d["scale"])))
+            built.append(ImageFolderSource(d["path"], size=d["size"], gsd=d["gsd"], scale=tuple(d["scale"]), **where))
         elif kind == "change_pairs":
-            built.append(ChangePairSource(d["path"], size=d["size"], gsd=d["gsd"], scale=tuple(d["scale"])))
+            built.append(ChangePairSource(d["path"], size=d["size"], gsd=d["gsd"], scale=tuple(d["scale"]), **where))
         elif kind == "bigearthnet":
-            built.append(BigEarthNetSource(d["path"], split=d.get("split"), size=d.get("size")))
+            built.append(BigEarthNetSource(d["path"], split=d.get("split"), size=d.get("size"), **where))
         elif kind == "cube":
             built.append(CubeSource(d["path"], size=d["size"], modalities=d.get("modalities"),
-                                    num_dates=d["num_dates"], min_valid=d["min_valid"]))  # fmt: skip
+                                    num_dates=d["num_dates"], min_valid=d["min_valid"],
+                                    num_regions=num_regions))  # fmt: skip
         else:
             raise ValueError(f"unknown data source kind {kind!r}")
         weights.append(weight)

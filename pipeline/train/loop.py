@@ -1,12 +1,14 @@
 """The pre-training loop: Ray Train ``TorchTrainer`` workers running the teacher-student step.
 
-Per step (all ranks): re-seed torch from ``(seed, step, rank)``; set the cosine learning rate of every parameter
+:func:`run_loop` on every rank: :func:`setup` (model, distribution, optimiser, restore), then per step
+:func:`train_step`: re-seed torch from ``(seed, step, rank)``; set the cosine learning rate of every parameter
 group (scaled by its layer-wise factor); ``accumulation`` micro-batches, each a forward of the meta-architecture
-(which makes its views on the device) under optional bf16 autocast and a backward, reducing gradients on the last
-one only; gradient clipping; AdamW; the EMA teacher update with the cosine momentum schedule. Rank 0 logs, and
-every ``checkpoint_every`` steps all ranks gather the full state and rank 0 writes it (``state.py``). Starting a
-job whose storage already holds checkpoints resumes from the newest one: the data order and RNG are functions of
-the step, so the resumed curve continues the interrupted one exactly.
+(which makes its views on the device; the batch's GCPL region ids go with it) under optional bf16 autocast and a
+backward, reducing gradients on the last one only; gradient clipping; AdamW; the EMA teacher update with the cosine
+momentum schedule. Rank 0 logs (:func:`log_step`), and every ``checkpoint_every`` steps all ranks gather the full
+state and rank 0 writes it (:func:`save_step`, ``state.py``). Starting a job whose storage already holds
+checkpoints resumes from the newest one: the data order and RNG are functions of the step, so the resumed curve
+continues the interrupted one exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -27,7 +30,7 @@ from torch import nn
 
 from pipeline.model import SkySenseV2, create_model
 
-from .data import MixedDataset, StepBatchSampler, build_sources, make_loader, to_model_inputs
+from .data import MixedDataset, StepBatchSampler, batch_region, build_sources, make_loader, to_model_inputs
 from .monitor import Monitor, Summary, Timer, expert_load_stats
 from .parallel import compile_blocks, distributed, grad_sync, unwrap, wrap_ddp, wrap_fsdp
 from .spec import PretrainSpec
@@ -73,112 +76,193 @@ def _all_mean(values: dict[str, float], device: torch.device) -> dict[str, float
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
-def run_loop(spec: PretrainSpec, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-             progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Train (or resume) on this rank; returns the run's summary metrics (rank 0's are authoritative)."""
-    from pipeline.ssl.schedules import cosine_lr, momentum_schedule, param_groups
+@dataclass
+class Run:
+    """What one rank trains with, built once by :func:`setup` and used by every step."""
 
-    t_start = time.perf_counter()
-    device = device or torch.device("cpu")
+    spec: PretrainSpec
+    rank: int
+    world_size: int
+    device: torch.device
+    meta: nn.Module  # the meta-architecture itself
+    student: SkySenseV2
+    model: nn.Module  # the meta-architecture as trained: DDP wrapper, FSDP2-sharded, or itself
+    optimizer: torch.optim.Optimizer
+    start_step: int
+    checkpoint: str | None  # the newest checkpoint: restored from, then each one written
+    student_prefix: str
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Every optimised parameter (gradient clipping)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def num_regions(self) -> int:
+        """GCPL regions of the meta-architecture: what the data's region ids must fit."""
+        return int(self.meta.gcpl.num_regions)
+
+
+def setup(spec: PretrainSpec, rank: int, world_size: int, device: torch.device) -> Run:
+    """Build the meta-architecture and AdamW on ``device``, distribute them, restore the newest checkpoint if any."""
+    from pipeline.ssl.schedules import param_groups
+
     meta, student = build_meta_arch(spec, world_size)
     student_prefix = module_prefix(meta, student)
     ckpt = latest_checkpoint(spec.storage)
-    start_step, extra = 0, {}
+    start_step, states = 0, None
     if ckpt:
         model_state, optim_state, extra = load_training_checkpoint(ckpt)
-        start_step = int(extra["step"])
+        start_step, states = int(extra["step"]), (model_state, optim_state)
         log.info("rank %d: resuming from %s (step %d)", rank, ckpt, start_step)
     if spec.activation_checkpointing if spec.activation_checkpointing is not None else spec.use_gpu:
         student.set_grad_checkpointing(True)
     meta.to(device)
     if spec.compile:
         compile_blocks(meta)
-    bf16 = spec.resolved_precision() == "bf16"
     if spec.resolved_parallel() == "fsdp" and distributed():
-        model = wrap_fsdp(meta, param_dtype=torch.bfloat16 if bf16 else None)
+        model = wrap_fsdp(meta, param_dtype=torch.bfloat16 if spec.resolved_precision() == "bf16" else None)
     else:
         model = wrap_ddp(meta, device)
     o = spec.optim
     groups = param_groups(unwrap(model), lr=o.lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, fused=device.type == "cuda" or None)
-    if ckpt:
-        restore(model, optimizer, model_state, optim_state)
-        del model_state, optim_state
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if states is not None:
+        restore(model, optimizer, *states)
+    return Run(spec, rank, world_size, device, meta, student, model, optimizer, start_step, ckpt, student_prefix)
 
-    sources, weights = build_sources([d.model_dump() for d in spec.data])
-    acc = spec.accumulation
-    sampler = StepBatchSampler([len(s) for s in sources], weights, spec.micro_batch, world_size, rank, spec.seed,
-                               start=start_step * acc, stop=spec.steps * acc, repeat=spec.repeat_batch)  # fmt: skip
-    loader = make_loader(MixedDataset(sources), sampler, spec.loader_workers, pin_memory=device.type == "cuda",
+
+def data_batches(run: Run) -> Iterator[dict[str, Any]]:
+    """This rank's collated micro-batches from the run's position on (the data order of ``data.py``)."""
+    spec, acc = run.spec, run.spec.accumulation
+    sources, weights = build_sources([d.model_dump() for d in spec.data], num_regions=run.num_regions)
+    sampler = StepBatchSampler([len(s) for s in sources], weights, spec.micro_batch, run.world_size, run.rank,
+                               spec.seed, start=run.start_step * acc, stop=spec.steps * acc,
+                               repeat=spec.repeat_batch)  # fmt: skip
+    loader = make_loader(MixedDataset(sources), sampler, spec.loader_workers, pin_memory=run.device.type == "cuda",
                          prefetch_factor=spec.prefetch)  # fmt: skip
-    batches = iter(loader)
-    monitor = Monitor(spec.storage, rank, spec.steps, start_step, enabled_bar=progress)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    timer, samples_per_step = Timer(), spec.batch_size
-    last: dict[str, float] = {}
-    ckpt_path = ckpt
-    model.train()
-    for step in range(start_step, spec.steps):
-        torch.manual_seed(step_seed(spec.seed, 0 if spec.repeat_batch else step, rank))
-        lr = cosine_lr(step, base_lr=o.lr, total_steps=spec.steps, warmup_steps=o.warmup_steps, min_lr=o.min_lr)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        momentum = momentum_schedule(step, total_steps=spec.steps, base=spec.ssl.momentum, final=spec.ssl.momentum_end)
-        comps: dict[str, float] = defaultdict(float)
-        t_data = 0.0
-        with timer:
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            for micro in range(acc):
-                td = time.perf_counter()
-                batch = to_model_inputs(next(batches), device)
-                t_data += time.perf_counter() - td
-                with grad_sync(model, micro == acc - 1):
-                    with autocast:
-                        out = model(batch)
-                    (out["loss"] / acc).backward()
-                for k, v in out.items():
-                    if torch.is_tensor(v) and v.numel() == 1:
-                        comps[f"loss/{k}" if k != "loss" else "loss"] += float(v.detach()) / acc
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad or float("inf"))
-            optimizer.step()
-            unwrap(model).update_teacher(momentum)
-            step_s = time.perf_counter() - t0
-        metrics = _all_mean(dict(comps), device)
-        if not all(np.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"step {step}: non-finite loss {metrics}")
-        metrics |= {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "step_s": step_s,
-                    "data_wait_s": t_data, "samples_per_s": samples_per_step / step_s}  # fmt: skip
-        if (step + 1) % spec.log_every == 0 or step + 1 == spec.steps:
-            load = out.get("expert_load")  # (layers, E) token shares of the step's MoE calls (last micro-batch)
-            counts = {str(i): row for i, row in enumerate(load)} if torch.is_tensor(load) else None
-            metrics |= expert_load_stats(counts or student.backbone.tokens_per_expert())
-            monitor.log(step + 1, metrics)
-        last = metrics
-        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            model_state, optim_state = gather_state(model, optimizer)
-            if rank == 0:
-                ckpt_path = save_training_checkpoint(
-                    spec.storage, step + 1, student.config, model_state, optim_state, student_prefix,
-                    extra={"data_position": (step + 1) * acc, "world_size": world_size,
-                           "spec": spec.model_dump(mode="json")},
-                    provenance=_provenance(spec, step + 1), keep=spec.keep_checkpoints,
-                )  # fmt: skip
-            del model_state, optim_state
-    monitor.close()
+    return iter(loader)
+
+
+def train_step(run: Run, batches: Iterator[dict[str, Any]], step: int, timer: Timer) -> tuple[dict[str, float], Any]:
+    """One optimiser step on every rank: seed, schedules, accumulated micro-batches, clipping, AdamW, teacher EMA.
+
+    Returns:
+        The step's metrics (loss components averaged over ranks, lr, momentum, grad norm, timings) and the last
+        micro-batch's meta-architecture outputs.
+
+    Raises:
+        FloatingPointError: when a loss is not finite.
+    """
+    from pipeline.ssl.schedules import cosine_lr, momentum_schedule
+
+    spec, o = run.spec, run.spec.optim
+    torch.manual_seed(step_seed(spec.seed, 0 if spec.repeat_batch else step, run.rank))
+    lr = cosine_lr(step, base_lr=o.lr, total_steps=spec.steps, warmup_steps=o.warmup_steps, min_lr=o.min_lr)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    momentum = momentum_schedule(step, total_steps=spec.steps, base=spec.ssl.momentum, final=spec.ssl.momentum_end)
+    with timer:  # the optimisation only: not the metric reduction, logging or checkpoints
+        t0 = time.perf_counter()
+        run.optimizer.zero_grad(set_to_none=True)
+        comps, t_data, out = _accumulate(run, batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, o.clip_grad or float("inf"))
+        run.optimizer.step()
+        unwrap(run.model).update_teacher(momentum)
+        step_s = time.perf_counter() - t0
+    metrics = _all_mean(comps, run.device)
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f"step {step}: non-finite loss {metrics}")
+    metrics |= {"lr": lr, "momentum": momentum, "grad_norm": float(grad_norm), "step_s": step_s,
+                "data_wait_s": t_data, "samples_per_s": spec.batch_size / step_s}  # fmt: skip
+    return metrics, out
+
+
+def _accumulate(run: Run, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], float, Any]:
+    """Forward + backward of ``accumulation`` micro-batches, reducing gradients on the last one only.
+
+    Returns:
+        Scalar outputs averaged over the micro-batches (``loss``, ``loss/<component>``), seconds spent waiting for
+        data, and the last micro-batch's outputs.
+    """
+    acc = run.spec.accumulation
+    bf16 = run.spec.resolved_precision() == "bf16"
+    comps: dict[str, float] = defaultdict(float)
+    t_data = 0.0
+    for micro in range(acc):
+        td = time.perf_counter()
+        raw = next(batches)
+        batch, region = to_model_inputs(raw, run.device), batch_region(raw, run.device)
+        t_data += time.perf_counter() - td
+        with grad_sync(run.model, micro == acc - 1):
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = run.model(batch, region=region)
+            (out["loss"] / acc).backward()
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                comps[f"loss/{k}" if k != "loss" else "loss"] += float(v.detach()) / acc
+    return dict(comps), t_data, out
+
+
+def log_step(run: Run, monitor: Monitor, step: int, metrics: dict[str, float], out: Any) -> None:
+    """Every ``log_every`` steps and at the end: add the MoE load to ``metrics`` (in place) and log them."""
+    spec = run.spec
+    if (step + 1) % spec.log_every and step + 1 != spec.steps:
+        return
+    load = out.get("expert_load")  # (layers, E) token shares of the step's MoE calls (last micro-batch)
+    counts = {str(i): row for i, row in enumerate(load)} if torch.is_tensor(load) else None
+    metrics |= expert_load_stats(counts or run.student.backbone.tokens_per_expert())
+    monitor.log(step + 1, metrics)
+
+
+def save_step(run: Run, step: int) -> None:
+    """Every ``checkpoint_every`` steps and at the end: all ranks gather the state, rank 0 writes it."""
+    spec = run.spec
+    if (step + 1) % spec.checkpoint_every and step + 1 != spec.steps:
+        return
+    model_state, optim_state = gather_state(run.model, run.optimizer)
+    if run.rank == 0:
+        run.checkpoint = save_training_checkpoint(
+            spec.storage, step + 1, run.student.config, model_state, optim_state, run.student_prefix,
+            extra={"data_position": (step + 1) * spec.accumulation, "world_size": run.world_size,
+                   "spec": spec.model_dump(mode="json")},
+            provenance=_provenance(spec, step + 1), keep=spec.keep_checkpoints,
+        )  # fmt: skip
+
+
+def export_teacher(run: Run) -> str | None:
+    """Rank 0 writes the teacher of the newest checkpoint as ``<storage>/model_teacher.pt``; all ranks wait."""
     model_path = None
-    if rank == 0 and ckpt_path:
-        model_path = f"{spec.storage.rstrip('/')}/model_teacher.pt"
-        export_model(ckpt_path, model_path, which="teacher")
+    if run.rank == 0 and run.checkpoint:
+        model_path = f"{run.spec.storage.rstrip('/')}/model_teacher.pt"
+        export_model(run.checkpoint, model_path, which="teacher")
     if distributed():
         dist.barrier()
-    done = spec.steps - start_step
+    return model_path
+
+
+def run_loop(spec: PretrainSpec, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+             progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (or resume) on this rank; returns the run's summary metrics (rank 0's are authoritative)."""
+    t_start = time.perf_counter()
+    run = setup(spec, rank, world_size, device or torch.device("cpu"))
+    batches = data_batches(run)
+    monitor = Monitor(spec.storage, rank, spec.steps, run.start_step, enabled_bar=progress)
+    timer, last = Timer(), {}
+    run.model.train()
+    for step in range(run.start_step, spec.steps):
+        metrics, out = train_step(run, batches, step, timer)
+        log_step(run, monitor, step, metrics, out)
+        last = metrics
+        save_step(run, step)
+    monitor.close()
+    model_path = export_teacher(run)
+    done, per_step = spec.steps - run.start_step, spec.batch_size
     return {
-        "steps": spec.steps, "resumed_from": start_step, "samples": done * samples_per_step,
+        "steps": spec.steps, "resumed_from": run.start_step, "samples": done * per_step,
         "train_s": timer.total, "wall_s": time.perf_counter() - t_start,
-        "samples_per_s": done * samples_per_step / max(timer.total, 1e-9), "final_loss": last.get("loss", float("nan")),
-        "checkpoint": ckpt_path, "model": model_path,
+        "samples_per_s": done * per_step / max(timer.total, 1e-9), "final_loss": last.get("loss", float("nan")),
+        "checkpoint": run.checkpoint, "model": model_path,
     }  # fmt: skip
 
 

@@ -9,8 +9,12 @@ A sample maps each modality present to a dict of tensors, normalised with the mo
     {"hr": {"x": (T, C, H, W) float32, "doy": (T,) int64 (0 = unknown), "valid": (T, H, W) bool,
             "gsd": () float32}, "s2": {...}, ...}
 
-plus, for labelled sources, ``"label"`` (int64 class index or float32 multi-hot). All modalities of one sample
-cover the same ground footprint, so the model can fuse them location by location.
+plus ``"region"``, the () int64 GCPL region id of the sample's location (:mod:`pipeline.ssl.regions`), and, for
+labelled sources, ``"label"`` (int64 class index or float32 multi-hot). All modalities of one sample cover the same
+ground footprint, so the model can fuse them location by location.
+
+Region: a georeferenced sample bins the lon/lat of its centre; a source without georeference gives every sample
+the region its spec entry names (an id or a (lon, lat) position), by default the unknown-location id.
 """
 
 from __future__ import annotations
@@ -19,16 +23,21 @@ import datetime as dt
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from affine import Affine
 from PIL import Image
+from pyproj import Transformer
 from torch import Tensor
 
 from pipeline.modalities import ModalitySpec, get_modality
+from pipeline.ssl.regions import DEFAULT_NUM_REGIONS, region_id, resolve_region
 
 Sample = dict[str, Any]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -44,6 +53,52 @@ class Source(Protocol):
     def get(self, index: int, rng: np.random.Generator | None) -> Sample:
         """Sample ``index``; augmented with ``rng``, deterministic without."""
         ...
+
+
+Region = int | Sequence[float] | None
+"""What a source without georeference is told about its location: an id, a (lon, lat) position, None = unknown."""
+
+
+@lru_cache(maxsize=16)
+def _to_lonlat(crs: str) -> Transformer:
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+
+def lonlat(crs: str, x: float, y: float) -> tuple[float, float]:
+    """WGS84 ``(lon, lat)`` in degrees of the point ``(x, y)`` of ``crs`` (anything pyproj reads: EPSG code, WKT)."""
+    lon, lat = _to_lonlat(str(crs)).transform(x, y)
+    return float(lon), float(lat)
+
+
+@dataclass(frozen=True)
+class Georef:
+    """Where a raster lies: its CRS and pixel-to-map transform."""
+
+    crs: str
+    transform: Affine
+
+    def region(self, row: float, col: float, num_regions: int) -> int:
+        """Region id of the (fractional) pixel position ``row``, ``col`` (``0, 0`` = the top-left pixel's corner)."""
+        x, y = self.transform @ (col, row)
+        return region_id(*lonlat(self.crs, x, y), num_regions)
+
+
+@lru_cache(maxsize=4096)
+def read_georef(path: Path) -> Georef | None:
+    """Georeference of a GeoTIFF; None for other files and for TIFFs without a CRS (read once per file)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            return Georef(src.crs.to_wkt(), src.transform) if src.crs else None
+
+
+def region_tensor(region: int) -> Tensor:
+    """The ``"region"`` entry of a sample."""
+    return torch.tensor(region, dtype=torch.long)
 
 
 def modality_entry(x: np.ndarray | Tensor, spec: ModalitySpec, gsd: float, doy: Sequence[int] | None = None,
@@ -128,14 +183,17 @@ class ImageFolderSource:
             resized (evaluation).
         labels: attach ``label`` = index of the first-level sub-folder (class-per-folder layout).
         spec: the modality (default ``hr``).
+        region: location of images without georeference (see :data:`Region`); GeoTIFFs with a CRS use the centre
+            of their crop instead.
+        num_regions: GCPL regions of the job.
 
     """
 
     modalities = ("hr",)
 
     def __init__(self, root: str | Path, size: int = 128, gsd: float | None = None,
-                 scale: tuple[float, float] = (0.2, 1.0), labels: bool = False,
-                 spec: ModalitySpec | None = None) -> None:  # fmt: skip
+                 scale: tuple[float, float] = (0.2, 1.0), labels: bool = False, spec: ModalitySpec | None = None,
+                 region: Region = None, num_regions: int = DEFAULT_NUM_REGIONS) -> None:  # fmt: skip
         self.root = Path(root)
         self.files = list_images(self.root)
         if not self.files:
@@ -145,6 +203,7 @@ class ImageFolderSource:
         self.modalities = (self.spec.name,)
         self.classes = sorted({p.relative_to(self.root).parts[0] for p in self.files if p.parent != self.root})
         self.labels = labels
+        self.region, self.num_regions = resolve_region(region, num_regions), num_regions
         if labels and not self.classes:
             raise ValueError(f"{self.root}: labels need one sub-folder per class")
 
@@ -159,28 +218,38 @@ class ImageFolderSource:
         """Image ``index``: a random crop + flips with ``rng``, else the whole image resized."""
         x = torch.from_numpy(read_bands(self.files[index], self.spec))[None]  # (1, C, H, W)
         box = None if rng is None else random_box(*x.shape[-2:], rng, self.scale)
+        region = self._region(self.files[index], box or (0, 0, *x.shape[-2:]))
         x = crop_resize(x, box, self.size)
         if rng is not None:
             x = random_flip(x, rng)
         if self.spec.bands == ("R", "G", "B"):
             x = x.clamp(0, 255)  # bilinear overshoot of 8-bit data
-        sample: Sample = {self.spec.name: modality_entry(x, self.spec, self.gsd)}
+        sample: Sample = {self.spec.name: modality_entry(x, self.spec, self.gsd), "region": region_tensor(region)}
         if self.labels:
             sample["label"] = torch.tensor(self.label(index))
         return sample
+
+    def _region(self, path: Path, box: tuple[int, int, int, int]) -> int:
+        """Region of the crop ``box`` (top, left, h, w): its centre's when the file is georeferenced."""
+        georef = read_georef(path)
+        if georef is None:
+            return self.region
+        t, lft, h, w = box
+        return georef.region(t + h / 2, lft + w / 2, self.num_regions)
 
 
 class ChangePairSource:
     """Bi-temporal change pairs (``A/<name>``, ``B/<name>``: LEVIR-CD, DSIFN-CD) as 2-date ``hr`` samples.
 
     Both dates get the same crop and flips, so the pair stays co-registered; the change ``label/`` masks are
-    not used (pre-training is unsupervised).
+    not used (pre-training is unsupervised). PNG/JPEG pairs carry no georeference: every sample gets ``region``
+    (see :data:`Region`) of ``num_regions``.
     """
 
     modalities = ("hr",)
 
-    def __init__(self, root: str | Path, size: int = 128, gsd: float = 0.625,
-                 scale: tuple[float, float] = (0.2, 1.0)) -> None:  # fmt: skip
+    def __init__(self, root: str | Path, size: int = 128, gsd: float = 0.625, scale: tuple[float, float] = (0.2, 1.0),
+                 region: Region = None, num_regions: int = DEFAULT_NUM_REGIONS) -> None:  # fmt: skip
         self.root = Path(root)
         a = {p.name: p for p in list_images(self.root / "A")}
         b = {p.name: p for p in list_images(self.root / "B")}
@@ -190,6 +259,7 @@ class ChangePairSource:
         self.pairs = [(a[n], b[n]) for n in self.names]
         self.size, self.gsd, self.scale = size, gsd, scale
         self.spec = get_modality("hr")
+        self.region = resolve_region(region, num_regions)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -203,7 +273,7 @@ class ChangePairSource:
         x = crop_resize(x, box, self.size)
         if rng is not None:
             x = random_flip(x, rng)
-        return {"hr": modality_entry(x.clamp(0, 255), self.spec, self.gsd)}
+        return {"hr": modality_entry(x.clamp(0, 255), self.spec, self.gsd), "region": region_tensor(self.region)}
 
 
 def _read_tif(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -235,12 +305,16 @@ class BigEarthNetSource:
         split: keep patches of this ``split_in_configilm_mock`` value (``train``/``val``/``test``); None = all.
         size: crop side (pixels at 10 m): random when augmenting (``rng`` given), else centred; None = the whole
             120 x 120 patch.
+        region: location of patches without georeference (see :data:`Region`); patches whose ``S2_10m.tif`` has
+            a CRS (the original BigEarthNet) use the centre of their crop instead.
+        num_regions: GCPL regions of the job.
 
     """
 
     modalities = ("s2", "s1")
 
-    def __init__(self, root: str | Path, split: str | None = None, size: int | None = None) -> None:
+    def __init__(self, root: str | Path, split: str | None = None, size: int | None = None, region: Region = None,
+                 num_regions: int = DEFAULT_NUM_REGIONS) -> None:  # fmt: skip
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"BigEarthNet folder not found: {self.root}")
@@ -252,6 +326,7 @@ class BigEarthNetSource:
         self.classes: list[str] = json.loads((self.root / "classes.json").read_text())["classes_19"]
         self.size = size
         self.s2, self.s1 = get_modality("s2"), get_modality("s1")
+        self.region, self.num_regions = resolve_region(region, num_regions), num_regions
 
     @staticmethod
     def _meta(patch: Path) -> dict[str, Any]:
@@ -281,6 +356,7 @@ class BigEarthNetSource:
         s2 = torch.from_numpy(self.read_s2(patch))[None]  # (1, 10, H, W)
         s1_raw, names = _read_tif(patch / "S1.tif")
         s1 = torch.from_numpy(s1_raw[[names.index(b) for b in self.s1.bands]])[None]  # (1, 2, H, W)
+        centre = (s2.shape[-2] / 2, s2.shape[-1] / 2)  # (row, col) in 10 m pixels of the patch
         if self.size is not None:  # random crop + flips when augmenting, else the centre crop
             n = min(self.size, s2.shape[-1])
             if rng is not None:
@@ -290,9 +366,13 @@ class BigEarthNetSource:
             both = torch.cat([s2, s1], 1)[..., t : t + n, lft : lft + n]
             both = random_flip(both, rng) if rng is not None else both
             s2, s1 = both[:, : s2.shape[1]], both[:, s2.shape[1] :]
+            centre = (t + n / 2, lft + n / 2)
         doy = _doy_from_s2_name(patch.name)
+        georef = read_georef(patch / "S2_10m.tif")
+        region = self.region if georef is None else georef.region(*centre, self.num_regions)
         return {
             "s2": modality_entry(s2, self.s2, 10.0, doy=[doy]),
             "s1": modality_entry(s1, self.s1, 10.0),
             "label": self.labels(index),
+            "region": region_tensor(region),
         }

@@ -6,6 +6,7 @@ Example (``jobs/pretrain-tiny.yaml``)::
     model: {name: skysense_v2_tiny}
     data:
       - {kind: images, path: ../shared/data/rsscn7, size: 64, gsd: 0.625}
+      - {kind: change_pairs, path: ../shared/data/levir_cd, size: 64, region: [-97.74, 30.27]}  # Texas
       - {kind: bigearthnet, path: ../shared/data/bigearthnet_v1, size: 16, weight: 0.5}
       - {kind: cube, path: outputs/cube-slovenia.zarr, size: 16, num_dates: 2}
     steps: 2000
@@ -17,6 +18,10 @@ Example (``jobs/pretrain-tiny.yaml``)::
 
 Relative paths (data and storage) are resolved against the current directory when the spec is loaded, so Ray
 workers (which run elsewhere) see absolute paths.
+
+GCPL regions (:mod:`pipeline.ssl.regions`): cube samples get the region of their window's location. Sources without
+georeference take ``region``: a ``[lon, lat]`` position in degrees (binned like a georeferenced sample) or a region
+id; without it their samples get the unknown-location id. ``ssl.options.num_regions`` sets the number of regions.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.model.config import MODEL_CONFIGS
+from pipeline.ssl.regions import DEFAULT_NUM_REGIONS, check_num_regions, resolve_region
 
 
 def _absolute(path: str) -> str:
@@ -51,7 +57,24 @@ class _PathSource(_Strict):
         return _absolute(v)
 
 
-class ImagesSource(_PathSource):
+class _UngeoreferencedSource(_PathSource):
+    """A source whose files may carry no location: ``region`` says where it lies (see the module docstring)."""
+
+    region: int | tuple[float, float] | None = None
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: int | tuple[float, float] | None) -> int | tuple[float, float] | None:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"a region id is >= 0, got {v}")
+        if isinstance(v, tuple) and not (-180 <= v[0] <= 180 and -90 <= v[1] <= 90):
+            raise ValueError(
+                f"a region position is [lon, lat] in degrees (lon in [-180, 180], lat in [-90, 90]), got {list(v)}"
+            )
+        return v
+
+
+class ImagesSource(_UngeoreferencedSource):
     """A folder tree of RGB images (e.g. RSSCN7) as single-date HR samples."""
 
     kind: Literal["images"] = "images"
@@ -66,8 +89,8 @@ class ChangePairsSource(ImagesSource):
     kind: Literal["change_pairs"] = "change_pairs"  # type: ignore[assignment]
 
 
-class BigEarthNetSpec(_PathSource):
-    """BigEarthNet v1 patch folders as S2 + S1 samples."""
+class BigEarthNetSpec(_UngeoreferencedSource):
+    """BigEarthNet v1 patch folders as S2 + S1 samples (patches with a CRS use their own location)."""
 
     kind: Literal["bigearthnet"] = "bigearthnet"
     split: Literal["train", "val", "test"] | None = None
@@ -157,6 +180,25 @@ class PretrainSpec(_Strict):
     @classmethod
     def _abs_storage(cls, v: str) -> str:
         return _absolute(v)
+
+    @property
+    def num_regions(self) -> int:
+        """GCPL regions: ``ssl.options.num_regions``, else the meta-architecture's default."""
+        return int(self.ssl.options.get("num_regions", DEFAULT_NUM_REGIONS))
+
+    @model_validator(mode="after")
+    def _regions(self) -> PretrainSpec:
+        n = self.ssl.options.get("num_regions", DEFAULT_NUM_REGIONS)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"ssl.options.num_regions must be an integer >= 2, got {n!r}")
+        check_num_regions(n)
+        for i, d in enumerate(self.data):
+            if isinstance(d, _UngeoreferencedSource) and isinstance(d.region, int):
+                try:
+                    resolve_region(d.region, n)
+                except ValueError as err:
+                    raise ValueError(f"data[{i}].region: {err}") from None
+        return self
 
     @model_validator(mode="after")
     def _divisible(self) -> PretrainSpec:
