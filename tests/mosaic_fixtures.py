@@ -1,22 +1,21 @@
-"""Tiny tile stores in exactly the inference stage's layout, cut from a real Sentinel-2 chip (EPSG:32633).
+"""Tiny tile stores written through the inference stage's own store API, cut from a real Sentinel-2 chip.
 
-The "model" is a fixed per-pixel linear map of the real S2 band values, so the untiled output is known exactly.
+The chip is EPSG:32633. The "model" is a fixed per-pixel linear map of the real S2 band values, so the untiled
+output is known exactly.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import rasterio
-import zarr
+from shared_data import shared_path
 
-from pipeline.mosaic.tiles import store_path
+from pipeline.infer.store import TileManifest, open_or_create_store, tiles_url, write_tile
+from pipeline.kinds import get_kind
 
-S2_CHIP = Path("/work/shared/data/eolearn_slovenia/reference_scenes/S2L1C_20150711.tif")
+S2_CHIP = shared_path("eolearn_slovenia/reference_scenes/S2L1C_20150711.tif")
 
 PROVENANCE = {
     "model": "skysense-v2-tiny",
@@ -90,38 +89,27 @@ def write_tile_store(
     valid_HW = np.ones((height, width), dtype=np.uint8) if valid_HW is None else valid_HW
     channels = channels or [f"c{i:03d}" for i in range(n_ch)]
     statuses = statuses or {}
-    tiles_url = f"{job_url.rstrip('/')}/tiles.zarr"
-    group = zarr.open_group(store_path(tiles_url), mode="w", zarr_format=3)
-    group.attrs.update(
-        {
-            "grid": {"crs": crs, "transform": list(transform), "height": height, "width": width},
-            "kind": kind,
-            "channels": channels,
-            "tile_size": tile_size,
-            "overlap": overlap,
-            "margin": margin,
-            "provenance": provenance or PROVENANCE,
-        }
-    )
-    n, s = len(origins), tile_size
-    data = group.create_array("data", shape=(n, n_ch, s, s), chunks=(1, n_ch, s, s), dtype="float32",
-                              fill_value=np.nan)  # fmt: skip
-    group.create_array("origin", shape=(n, 2), dtype="int64")[:] = origins
-    valid = group.create_array("valid", shape=(n, s, s), chunks=(1, s, s), dtype="uint8", fill_value=0)
-    pooled = group.create_array("pooled", shape=(n, n_ch), dtype="float32", fill_value=np.nan)
-    fs, root = fsspec.core.url_to_fs(f"{job_url.rstrip('/')}/manifest/tiles")
+    output_kind = get_kind(kind)
+    names = output_kind.class_names(n_ch, None if channels[0] == "c000" else channels)
+    attrs = {
+        "grid": {"crs": crs, "transform": list(transform), "height": height, "width": width},
+        **output_kind.store_attrs(names),
+        "channels": channels, "tile_size": tile_size, "overlap": overlap, "margin": margin, "context_radius": None,
+        "n_tiles": len(origins), "provenance": provenance or PROVENANCE,
+    }  # fmt: skip
+    url = tiles_url(job_url)
+    group = open_or_create_store(url, attrs, np.asarray(origins, dtype=np.int64))
+    manifest = TileManifest(job_url)
+    s = tile_size
     for i, (r, c) in enumerate(origins.tolist()):
         status = statuses.get(i, "done")
-        tile_id = f"r{r:05d}_c{c:05d}"
         if status == "done":
             tile = np.full((n_ch, s, s), np.nan, dtype=np.float32)  # the grid may be smaller than a tile
             mask = np.zeros((s, s), dtype=np.uint8)
             h, w = min(s, height - r), min(s, width - c)
             tile[:, :h, :w] = image_CHW[:, r : r + h, c : c + w] + (0 if offsets is None else offsets[i])
             mask[:h, :w] = valid_HW[r : r + h, c : c + w]
-            data[i], valid[i] = tile, mask
-            pooled[i] = np.nanmean(np.where(mask > 0, tile, np.nan).reshape(n_ch, -1), axis=1)
-        record = {"tile_id": tile_id, "status": status, "index": i, "origin": [r, c]}
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/{tile_id}.json", json.dumps(record).encode())
-    return tiles_url
+            pooled = np.nanmean(np.where(mask > 0, tile, np.nan).reshape(n_ch, -1), axis=1)
+            write_tile(group, i, tile, mask, pooled)
+        manifest.write({"tile_id": i, "index": i, "origin": [r, c], "status": status})
+    return url

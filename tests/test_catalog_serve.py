@@ -12,8 +12,9 @@ import pystac_client
 import pytest
 import rasterio
 
-from pipeline.catalog.assets import GDAL_HTTP_ENV, AssetReadError, open_asset
+from pipeline.catalog.assets import AssetReadError, open_asset
 from pipeline.catalog.config import load_catalog
+from pipeline.catalog.gdal import GDAL_ENV
 from pipeline.catalog.index import read_static_catalog
 from pipeline.catalog.search import EmptySearchError, parse_region, restore_proj_epsg, search
 from pipeline.catalog.serve import LocalStacServer, _parse_range
@@ -195,7 +196,7 @@ def test_odc_stac_reads_key_dot_n_bands_over_http(local_stac_server, shared_data
     cat = load_catalog("local")
     res = search(cat, region=SPAIN, start="2019-09-18", end="2019-09-18", modalities=["s2"], url=local_stac_server.url)
     refs = cat.source("s2").asset_refs[:2]  # "toa.2", "toa.3": odc-stac's own notation for multi-band assets
-    with rasterio.Env(**GDAL_HTTP_ENV):
+    with rasterio.Env(**GDAL_ENV):
         ds = odc_stac.load(res.items["s2"], bands=refs).load()
     with rasterio.open(shared_data / "sen1floods11" / "S2Hand" / "Spain_7370579_S2Hand.tif") as local:
         np.testing.assert_array_equal(ds[refs[0]].values[0], local.read(2))

@@ -72,11 +72,11 @@ def test_cli_build_and_info(local_catalog_dir, tmp_path, monkeypatch, capsys):  
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["cube", "info", str(tmp_path / "nothing.zarr")]) == 1
+    assert main(["cube", "info", str(tmp_path / "nothing.zarr")]) == 2
     assert "no Zarr cube at" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("region: [0, 0, 1, 1]\n")
-    assert main(["cube", "build", str(bad)]) == 1
+    assert main(["cube", "build", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml: invalid job spec" in err and "cube: Field required" in err
 

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pystac
-import pytest
 import rasterio
 import rio_stac
 from affine import Affine
 from rasterio.warp import Resampling, reproject
+from shared_data import require, shared_path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SKYPIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = shared_path()
 S1F = DATA / "sen1floods11"
 SLOVENIA = DATA / "eolearn_slovenia"
 SPACENET = DATA / "solaris_spacenet6" / "coregistered"
@@ -39,8 +38,7 @@ S2_INDEX_13 = [2, 3, 4, 5, 6, 7, 8, 9, 12, 13]  # 1-based positions of S2_BANDS 
 
 def require_data() -> None:
     """Skip the calling test when the shared sample data is absent."""
-    if not DATA.is_dir():
-        pytest.skip(f"shared sample data not found at {DATA}")
+    require()
 
 
 @dataclass

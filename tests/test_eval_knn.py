@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import needs_shared, shared_path
 
 from pipeline.eval.knn import knn_accuracy, knn_predict
 from pipeline.eval.linear import linear_probe, multilabel_probe
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "rsscn7").is_dir(), reason="needs ../shared/data")
+DATA = shared_path()
+needs_data = needs_shared("rsscn7")
 MICRO = json.dumps({"dims": [32, 32, 64, 64], "depths": [1, 1, 1, 1], "moe_blocks": 1, "num_experts": 2,
                     "fusion_dim": 64, "fusion_heads": 2})  # fmt: skip
 
@@ -78,7 +79,7 @@ def test_eval_cli_checkpoint_and_errors(split: dict, tmp_path: Path, capsys: pyt
     with_ckpt = float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1])
     assert main([*base, "--random-init", "skysense_v2_tiny", "--overrides", MICRO, "--feature", "both"]) == 0
     assert float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1]) == with_ckpt  # same seed-0 weights
-    assert main([*base, "--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    assert main([*base, "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

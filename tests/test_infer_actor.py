@@ -10,6 +10,7 @@ import zarr
 from infer_fixtures import write_checkpoint, write_cube
 
 from pipeline.infer.actor import TileProcessor, parse_faults
+from pipeline.infer.params import InferenceParams
 from pipeline.infer.runner import prepare_store
 from pipeline.infer.store import TileManifest, TileStoreMismatchError
 
@@ -27,12 +28,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _processor(setup: dict[str, str], out: Path, kind: str = "embeddings", **kw: object) -> TileProcessor:
-    common = {"cube_url": setup["cube"], "output_url": str(out), "checkpoint": setup["checkpoint"], "kind": kind,
-              "modalities": ["s2"], "periods": PERIOD}  # fmt: skip
     num_classes = kw.pop("num_classes", None)
-    plan = prepare_store(**common, tile_size=16, overlap=4, num_classes=num_classes)  # type: ignore[arg-type]
+    params = InferenceParams(cube_url=setup["cube"], output_url=str(out), checkpoint=setup["checkpoint"], kind=kind,
+                             modalities=("s2",), periods=PERIOD, tile_size=16, overlap=4,
+                             num_classes=num_classes)  # type: ignore[arg-type]  # fmt: skip
+    plan = prepare_store(params)
     assert len(plan.tiles) == 16  # starts 0, 12, 24, 32 per axis
-    return TileProcessor(**common, num_classes=num_classes, **kw)  # type: ignore[arg-type]
+    return TileProcessor(params, **kw)  # type: ignore[arg-type]
 
 
 def test_tiles_are_written_chunk_aligned_with_manifest(setup: dict[str, str], tmp_path: Path) -> None:
@@ -76,11 +78,11 @@ def test_segmentation_and_change_kinds(setup: dict[str, str], tmp_path: Path) ->
     assert seg.process([(0, 1)])[0]["status"] == "done"
     g = zarr.open_group(str(tmp_path / "seg" / "tiles.zarr"), mode="r")
     assert g["data"].shape[1] == 3 and g.attrs["channels"] == ["class_0", "class_1", "class_2"]
-    common = {"cube_url": setup["cube"], "output_url": str(tmp_path / "chg"), "checkpoint": setup["checkpoint"],
-              "kind": "change", "modalities": ["s2"],
-              "periods": [("2015-07-01", "2015-07-31"), ("2015-08-21", "2015-09-30")]}  # fmt: skip
-    prepare_store(**common, tile_size=16, overlap=4)  # type: ignore[arg-type]
-    chg = TileProcessor(**common)  # type: ignore[arg-type]
+    params = InferenceParams(cube_url=setup["cube"], output_url=str(tmp_path / "chg"), checkpoint=setup["checkpoint"],
+                             kind="change", modalities=("s2",), tile_size=16, overlap=4,
+                             periods=[("2015-07-01", "2015-07-31"), ("2015-08-21", "2015-09-30")])  # fmt: skip
+    prepare_store(params)
+    chg = TileProcessor(params)
     assert chg.process([(0, 1)])[0]["status"] == "done"
     g = zarr.open_group(str(tmp_path / "chg" / "tiles.zarr"), mode="r")
     assert g.attrs["channels"] == ["no_change", "change"] and np.isfinite(g["data"][0]).all()
@@ -89,12 +91,12 @@ def test_segmentation_and_change_kinds(setup: dict[str, str], tmp_path: Path) ->
 def test_reopening_with_another_model_or_tiling_is_refused(setup: dict[str, str], tmp_path: Path) -> None:
     _processor(setup, tmp_path / "out")
     common = {"cube_url": setup["cube"], "output_url": str(tmp_path / "out"), "kind": "embeddings",
-              "modalities": ["s2"], "periods": PERIOD}  # fmt: skip
-    prepare_store(**common, checkpoint=setup["checkpoint"], tile_size=16, overlap=4)  # same job: fine
+              "modalities": ["s2"], "periods": PERIOD, "tile_size": 16}  # fmt: skip
+    prepare_store(InferenceParams(**common, checkpoint=setup["checkpoint"], overlap=4))  # same job: fine
     with pytest.raises(TileStoreMismatchError, match="overlap"):
-        prepare_store(**common, checkpoint=setup["checkpoint"], tile_size=16, overlap=2)
+        prepare_store(InferenceParams(**common, checkpoint=setup["checkpoint"], overlap=2))
     with pytest.raises(TileStoreMismatchError, match="checkpoint_sha256"):
-        prepare_store(**common, checkpoint="skysense_v2_tiny", tile_size=16, overlap=4)
+        prepare_store(InferenceParams(**common, checkpoint="skysense_v2_tiny", overlap=4))
 
 
 def test_injected_errors_are_per_tile(setup: dict[str, str], tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is
 import pytest
 from infer_fixtures import write_checkpoint, write_cube
 
+from pipeline.infer.params import InferenceParams
 from pipeline.infer.runner import run_inference
 from pipeline.infer.store import TileManifest
 
@@ -32,12 +33,11 @@ def test_tiles_run_on_several_nodes(tmp_path: Path) -> None:
         workers = {cluster.add_node(num_cpus=1, object_store_memory=store).node_id for _ in range(2)}
         cluster.wait_for_nodes(timeout=120)
         out = tmp_path / "out"
-        report = run_inference(
+        report = run_inference(InferenceParams(
             cube_url=write_cube(tmp_path / "cube.zarr", size=(64, 64)), output_url=str(out),
             checkpoint=write_checkpoint(tmp_path / "micro.pt"), modalities=["s2"],
             periods=[("2015-07-01", "2015-09-30")], tile_size=16, overlap=4, batch_size=1, actors=2,
-            address=cluster.address, progress=False,
-        )  # fmt: skip
+        ), address=cluster.address, progress=False)  # fmt: skip
         assert not ray.is_initialized()  # the runner connected, and disconnected, by itself
     finally:
         cluster.shutdown()

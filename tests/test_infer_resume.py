@@ -18,6 +18,7 @@ import zarr
 from infer_fixtures import write_checkpoint, write_cube, write_job
 
 from pipeline.infer.actor import TileProcessor
+from pipeline.infer.params import InferenceParams
 from pipeline.infer.runner import prepare_store
 
 pytestmark = pytest.mark.slow
@@ -55,15 +56,23 @@ def test_sigkill_mid_run_then_resume_is_identical(tmp_path: Path) -> None:
 
     # the uninterrupted reference: the same per-batch code in this process, with the threads the CLI's single
     # local actor gets (all cores); CPU outputs are bit-identical only at equal thread counts
-    common = {"cube_url": cube, "checkpoint": ckpt, "kind": "embeddings", "modalities": ["s2"],
-              "periods": [("2015-07-01", "2015-09-30")]}  # fmt: skip
-    plan = prepare_store(
-        **common, output_url=str(tmp_path / "ref"), tile_size=24, overlap=8, margin=2, context_radius=8
+    params = InferenceParams(
+        cube_url=cube,
+        checkpoint=ckpt,
+        kind="embeddings",
+        modalities=("s2",),
+        periods=[("2015-07-01", "2015-09-30")],
+        output_url=str(tmp_path / "ref"),
+        tile_size=24,
+        overlap=8,
+        margin=2,
+        context_radius=8,
     )  # the job's tiling: local context, margin overlap // 3
+    plan = prepare_store(params)
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        ref = TileProcessor(**common, output_url=str(tmp_path / "ref"))
+        ref = TileProcessor(params)
         assert all(r["status"] in ("done", "skipped") for b in ref.run([[t.id] for t in plan.tiles]) for r in b)
     finally:
         torch.set_num_threads(threads)

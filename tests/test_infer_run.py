@@ -1,4 +1,4 @@
-"""The orchestrator's pure parts: output layout, change periods, cube state, status of a job (no Ray)."""
+"""The job runner's pure parts: stage outputs, change periods, cube state, status of a job (no Ray)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,27 @@ from pathlib import Path
 import pytest
 from infer_fixtures import write_cube, write_job
 
-from pipeline.run import cube_state, format_status, job_periods, job_status, output_paths
+from pipeline.cube.layout import cube_state
+from pipeline.job.stages import JobContext, job_stages
+from pipeline.job.status import format_status, job_status
 from pipeline.spec import load_job
+
+
+def _outputs(job) -> dict[str, str]:
+    return {k: v for stage in job_stages(JobContext(job)) for k, v in stage.outputs().items()}
 
 
 def test_paths_and_periods(tmp_path: Path) -> None:
     job = load_job(write_job(tmp_path / "job.yaml", "cube.zarr", str(tmp_path / "out"), "skysense_v2_tiny"))
-    paths = output_paths(job)
+    paths = _outputs(job)
     assert paths["tiles"] == f"{tmp_path}/out/tiles.zarr" and paths["archive"].endswith("out/archive")
-    assert job_periods(job) == [(date(2015, 7, 1), date(2015, 9, 30))]
+    assert [s.name for s in job_stages(JobContext(job))] == ["cube", "inference", "mosaic", "cog", "archive",
+                                                            "quicklook"]  # fmt: skip
+    assert job.periods() == [(date(2015, 7, 1), date(2015, 9, 30))]
     change = load_job(write_job(tmp_path / "c.yaml", "cube.zarr", "out", "m", output={"kind": "change", "path": "out"}))
-    before, after = job_periods(change)
+    before, after = change.periods()
     assert before == (date(2015, 7, 1), date(2015, 8, 15)) and after == (date(2015, 8, 16), date(2015, 9, 30))
-    assert "classes_cog" in output_paths(change) and "archive" not in output_paths(change)
+    assert "classes_cog" in _outputs(change) and "archive" not in _outputs(change)
 
 
 def test_cube_state_and_status(tmp_path: Path) -> None:
@@ -39,14 +47,16 @@ def test_cube_state_and_status(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["embeddings", "segmentation"])
 def test_status_counts_tiles(tmp_path: Path, kind: str) -> None:
+    from pipeline.infer.params import InferenceParams
     from pipeline.infer.runner import prepare_store
     from pipeline.infer.store import TileManifest
 
     cube = write_cube(tmp_path / "cube.zarr", size=(32, 32))
     job = load_job(write_job(tmp_path / "job.yaml", cube, str(tmp_path / "out"), "skysense_v2_tiny"))
-    plan = prepare_store(cube_url=cube, output_url=str(tmp_path / "out"), checkpoint="skysense_v2_tiny", kind=kind,
-                         modalities=["s2"], periods=job_periods(job), tile_size=24, overlap=4,
-                         num_classes=2)  # fmt: skip
+    plan = prepare_store(InferenceParams(
+        cube_url=cube, output_url=str(tmp_path / "out"), checkpoint="skysense_v2_tiny", kind=kind, modalities=("s2",),
+        periods=job.periods(), tile_size=24, overlap=4, num_classes=2 if kind == "segmentation" else None,
+    ))  # fmt: skip
     manifest = TileManifest(str(tmp_path / "out"))
     manifest.write({"tile_id": 0, "status": "done"})
     manifest.write({"tile_id": 1, "status": "failed", "error": "boom"})
@@ -61,7 +71,7 @@ def test_explicit_change_periods_and_class_fields(tmp_path: Path) -> None:
     before, after = {"start": date(2015, 7, 1), "end": date(2015, 7, 31)}, {"start": "2015-08-21", "end": "2015-09-30"}
     out = {"kind": "change", "path": "o", "before": before, "after": after}
     job = load_job(write_job(tmp_path / "c.yaml", "cube.zarr", "o", "m", output=out))
-    assert job_periods(job) == [(date(2015, 7, 1), date(2015, 7, 31)), (date(2015, 8, 21), date(2015, 9, 30))]
+    assert job.periods() == [(date(2015, 7, 1), date(2015, 7, 31)), (date(2015, 8, 21), date(2015, 9, 30))]
     with pytest.raises(JobSpecError, match="both before and after"):
         load_job(write_job(tmp_path / "d.yaml", "cube.zarr", "o", "m", output={"kind": "change", "before": before}))
     with pytest.raises(JobSpecError, match="class_names"):

@@ -13,6 +13,7 @@ from infer_fixtures import write_checkpoint, write_cube, write_job
 
 from pipeline.cli import main
 from pipeline.infer.actor import FAULT_ENV
+from pipeline.infer.params import InferenceParams
 from pipeline.infer.runner import run_inference
 from pipeline.infer.store import TileManifest
 
@@ -40,11 +41,10 @@ def test_dead_actors_are_retried_and_poison_tiles_reported(
     # time it runs, tile 6 raises.
     monkeypatch.setenv(FAULT_ENV, "1:exit-once,4:exit,6:raise")
     out = tmp_path / "out"
-    report = run_inference(
+    report = run_inference(InferenceParams(
         cube_url=data["cube"], output_url=str(out), checkpoint=data["checkpoint"], modalities=["s2"],
         periods=[("2015-07-01", "2015-09-30")], tile_size=24, overlap=4, batch_size=3, actors=2, max_attempts=2,
-        progress=False,
-    )  # fmt: skip
+    ), progress=False)  # fmt: skip
     assert report.total == 9 and report.skipped == 1 and report.done == 6
     assert sorted(report.failed) == [4, 6]
     assert "worker died" in report.failed[4] and "injected fault" in report.failed[6]
@@ -58,10 +58,10 @@ def test_dead_actors_are_retried_and_poison_tiles_reported(
     # a rerun without the faults retries only the failed tiles and finishes; done tiles are left alone
     monkeypatch.delenv(FAULT_ENV)
     before = {t: r for t, r in records.items() if r["status"] in ("done", "skipped")}
-    again = run_inference(
+    again = run_inference(InferenceParams(
         cube_url=data["cube"], output_url=str(out), checkpoint=data["checkpoint"], modalities=["s2"],
-        periods=[("2015-07-01", "2015-09-30")], tile_size=24, overlap=4, batch_size=3, actors=1, progress=False,
-    )  # fmt: skip
+        periods=[("2015-07-01", "2015-09-30")], tile_size=24, overlap=4, batch_size=3, actors=1,
+    ), progress=False)  # fmt: skip
     assert not again.failed and again.computed == 2 and again.resumed == 7
     after = TileManifest(str(out)).read_all()
     assert {t: after[t] for t in before} == before
@@ -73,11 +73,11 @@ def test_a_hung_actor_is_killed_and_its_tile_reported(
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "3:hang")  # the worker sleeps forever on tile 3
     out = tmp_path / "out"
-    report = run_inference(
+    report = run_inference(InferenceParams(
         cube_url=data["cube"], output_url=str(out), checkpoint=data["checkpoint"], modalities=["s2"],
         periods=[("2015-07-01", "2015-09-30")], tile_size=24, overlap=4, batch_size=2, actors=1, max_attempts=2,
-        batch_timeout=8.0, progress=False,
-    )  # fmt: skip
+        batch_timeout=8.0,
+    ), progress=False)  # fmt: skip
     assert report.total == 9 and report.skipped == 1 and report.done == 7
     assert list(report.failed) == [3] and "timed out" in report.failed[3]
     records = TileManifest(str(out)).read_all()

@@ -75,23 +75,6 @@ def test_context_radius_is_a_constructor_argument():
         create_model("skysense_v2_tiny", context_radius=0, **MICRO)
 
 
-def test_deprecated_setter_equals_constructor_argument():
-    torch.manual_seed(0)
-    built = create_model("skysense_v2_tiny", context_radius=2, **MICRO).eval()
-    switched = create_model("skysense_v2_tiny", **MICRO).eval()
-    switched.load_state_dict(built.state_dict())
-    switched.backbone.set_context_radius(2)
-    x = {"s2": ModalityInput(torch.randn(1, 1, 10, 32, 32))}
-    with torch.no_grad():
-        torch.testing.assert_close(switched(x), built(x), rtol=0, atol=0)
-        switched.backbone.set_context_radius(None)
-        back = switched(x)
-    assert (back - built(x)).abs().max() > 1e-4  # global again
-    assert switched.state_dict().keys() == built.state_dict().keys()
-    with pytest.raises(ValueError, match="radius"):
-        switched.backbone.set_context_radius(0)
-
-
 def test_block_takes_its_attention_class():
     """A radius covering the whole grid makes local attention global: same weights, same output."""
     torch.manual_seed(0)

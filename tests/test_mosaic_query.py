@@ -76,7 +76,7 @@ def test_query_xy_vector_and_errors(job, tmp_path):
         query_archive(job["archive"], str(tmp_path / "out"), xy=tuple(job["transform"] @ (1.5, 1.5)))
     with pytest.raises(ValueError, match="12 channels"):
         query_archive(job["archive"], str(tmp_path / "out"), vector=np.ones(3))
-    assert main(["archive", "query", job["archive"], "--xy", "0", "0", "--out", str(tmp_path / "e")]) == 1
+    assert main(["archive", "query", job["archive"], "--xy", "0", "0", "--out", str(tmp_path / "e")]) == 2
 
 
 def test_cosine_similarity_is_lazy(job):
@@ -97,7 +97,12 @@ def test_quicklooks(job, tmp_path):
     tiles = write_tile_store(str(tmp_path / "seg"), logits, crs, transform, 48, 8, kind="segmentation",
                              statuses={0: "failed"})  # fmt: skip
     seg = stitch_tiles(tiles, str(tmp_path / "seg" / "mosaic.zarr"))
-    rgba = np.asarray(Image.open(quicklook(seg, str(tmp_path / "seg.png"))))
+    full = np.asarray(Image.open(quicklook(seg, str(tmp_path / "seg.png"))))
+    assert full.shape[0] > 101 and (full[101:, ..., 3] == 255).all()  # an opaque legend band below the map
+    legend = full[101:, :, :3].reshape(-1, 3)
+    for colour in PALETTE[:5]:  # every class has its swatch
+        assert (legend == colour).all(axis=1).any()
+    rgba = full[:101, :100]
     ok = rgba[..., 3] == 255
     np.testing.assert_array_equal(rgba[ok][:, :3], PALETTE[logits.argmax(0)][ok])
     assert not ok[0, 0]
@@ -121,6 +126,6 @@ def test_cli_stitch_cog_quicklook_build(job, tmp_path):
     assert max(Image.open(png).size) <= 50
     assert main(["archive", "build", mosaic, tiles, "--out", arch]) == 0
     # the int8 archive mosaic renders like the float one
-    q8 = np.asarray(Image.open(quicklook(f"{arch}/mosaics/0000.zarr", str(tmp_path / "q8.png"), "embeddings")))
+    q8 = np.asarray(Image.open(quicklook(f"{arch}/mosaics/0000.zarr", str(tmp_path / "q8.png"), "pca")))
     f32 = np.asarray(Image.open(quicklook(mosaic, str(tmp_path / "f32.png"))))
     assert np.abs(q8.astype(int) - f32.astype(int)).mean() < 3

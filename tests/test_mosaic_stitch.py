@@ -8,9 +8,9 @@ import xarray as xr
 from affine import Affine
 from mosaic_fixtures import PROVENANCE, linear_model, load_s2_chip, tile_origins, write_tile_store
 
+from pipeline.infer.store import open_tile_store
 from pipeline.mosaic.blend import normalised_weights, taper_1d, tile_weights
 from pipeline.mosaic.stitch import CLASS_NODATA, mosaic_dataset, open_mosaic, stitch_tiles
-from pipeline.mosaic.tiles import open_tile_store
 
 
 @pytest.fixture(scope="module")

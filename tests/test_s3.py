@@ -25,8 +25,8 @@ pytest.importorskip("ray")
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+from pipeline.job.run import run_job  # noqa: E402
 from pipeline.mosaic.archive import open_archive  # noqa: E402
-from pipeline.run import run_job  # noqa: E402
 from pipeline.spec import load_job  # noqa: E402
 
 pytestmark = [

@@ -19,6 +19,7 @@ import pytest
 from infer_fixtures import SCENES, write_cube
 
 from pipeline.infer.actor import TileProcessor
+from pipeline.infer.params import InferenceParams
 from pipeline.infer.runner import prepare_store
 from pipeline.mosaic.quality import seam_score
 from pipeline.mosaic.stitch import open_mosaic, stitch_tiles
@@ -40,12 +41,12 @@ def cube(tmp_path_factory) -> str:
 
 
 def _mosaic(cube: str, out: Path, size: int, overlap: int, margin: int, radius: int | None):
-    common = {
-        "cube_url": cube, "output_url": str(out), "checkpoint": str(CHECKPOINT), "kind": "embeddings",
-        "modalities": ["s2"], "periods": [("2015-07-01", "2015-09-30")],
-    }  # fmt: skip
-    plan = prepare_store(**common, tile_size=size, overlap=overlap, margin=margin, context_radius=radius)
-    proc = TileProcessor(**common)
+    params = InferenceParams(
+        cube_url=cube, output_url=str(out), checkpoint=str(CHECKPOINT), kind="embeddings", modalities=("s2",),
+        periods=[("2015-07-01", "2015-09-30")], tile_size=size, overlap=overlap, margin=margin, context_radius=radius,
+    )  # fmt: skip
+    plan = prepare_store(params)
+    proc = TileProcessor(params)
     try:
         records = proc.process([(t.id, 1) for t in plan.tiles])
     finally:

@@ -23,10 +23,7 @@ from pipeline.catalog.redact import public_href
 
 log = logging.getLogger(__name__)
 
-GDAL_HTTP_ENV = GDAL_ENV
-"""Former name of :data:`pipeline.catalog.gdal.GDAL_ENV`, kept until ``tests/test_catalog_serve.py`` switches."""
-
-__all__ = ["GDAL_ENV", "GDAL_HTTP_ENV", "AssetReadError", "gdal_path", "open_asset"]
+__all__ = ["GDAL_ENV", "AssetReadError", "gdal_path", "open_asset"]
 
 
 class AssetReadError(OSError):

@@ -18,23 +18,26 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pystac
-import rasterio
 import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, storage
+from pipeline.catalog.assets import open_asset
+from pipeline.catalog.search import EmptySearchError
 from pipeline.cube import layout
-from pipeline.cube.grid import SENTINEL_GSDS, native_gsd, region_grid, snap_hr_gsd
+from pipeline.cube.grid import CubeGrid, native_gsd, region_grid
 from pipeline.cube.manifest import ChunkManifest
 from pipeline.cube.plan import ModalityPlan, SourceLike, plan_modality
-from pipeline.cube.reader import GDAL_OPTIONS, asset_href, gdal_path, split_band_ref
+from pipeline.cube.reader import asset_href, split_band_ref
 from pipeline.cube.writer import ChunkWriter
-from pipeline.modalities import GRID_GSD, get_modality
+from pipeline.errors import InputsUnreadableError
+from pipeline.modalities import GRID_GSD, ModalitySpec, get_modality
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +54,69 @@ class CubeReport:
     seconds: float = 0.0
 
 
-def _hr_resolution(
-    name: str, items: Sequence[pystac.Item], source: SourceLike, crs: str, wanted: float | None, patch_url: Any
+def _native_resolution(
+    spec: ModalitySpec, items: Sequence[pystac.Item], source: SourceLike, crs: str, patch_url: Any
 ) -> float:
-    if wanted is None:
-        href = asset_href(items[0], split_band_ref(next(iter(source.assets.values())))[0])
-        with rasterio.Env(**GDAL_OPTIONS), rasterio.open(gdal_path(patch_url(href) if patch_url else href)) as src:
-            wanted = native_gsd(list(src.transform)[:6], src.crs.to_wkt(), crs)
-    snapped = snap_hr_gsd(wanted)
-    log.info("%s: GSD %.4g m snapped to %.4g m (= 10 m / %d)", name, wanted, snapped, round(GRID_GSD / snapped))
-    return snapped
+    """The source's own GSD in ``crs`` (read from the first item's first asset header)."""
+    href = asset_href(items[0], split_band_ref(next(iter(source.assets.values())))[0])
+    with open_asset(patch_url(href) if patch_url else href) as src:
+        return native_gsd(list(src.transform)[:6], src.crs.to_wkt(), crs)
+
+
+def _resolution(spec: ModalitySpec, wanted: float | None, native: Callable[[], float]) -> float:
+    """The cube resolution of a modality: the job's (checked or snapped), its default, or its snapped native GSD."""
+    if wanted is None and spec.default_resolution is not None:
+        return float(spec.default_resolution)
+    res = spec.check_resolution(native() if wanted is None else float(wanted))
+    if spec.snap_resolution:
+        log.info("%s: GSD snapped to %.4g m (= %g m / %d)", spec.name, res, GRID_GSD, round(GRID_GSD / res))
+    return res
+
+
+def plan_cube(
+    items: Mapping[str, Sequence[pystac.Item]],
+    sources: Mapping[str, SourceLike],
+    *,
+    region: tuple[float, float, float, float],
+    crs: str | int | None,
+    resolutions: Mapping[str, float | None],
+    chunks: tuple[int, int],
+    bands: Mapping[str, Sequence[str]] | None,
+    patch_url: Callable[[str], str] | None,
+) -> tuple[CubeGrid, dict[str, ModalityPlan]]:
+    """The 10 m grid and one :class:`ModalityPlan` per modality (every asset header is opened once).
+
+    Raises:
+        InputsUnreadableError: not one item of a modality is usable (nothing to build it from).
+    """
+    specs = {name: get_modality(name) for name in items}
+    for name in items:
+        if name not in sources:
+            raise ValueError(f"modality {name!r} has items but no source configuration")
+        if resolutions.get(name) is not None:
+            specs[name].check_resolution(float(resolutions[name]))  # before any header is read
+    # Grid edges on multiples of the coarsest fixed resolution, so every modality's pixels nest in the grid.
+    fixed = [float(resolutions.get(n) or specs[n].default_resolution or GRID_GSD) for n in items]
+    grid = region_grid(region, crs, snap=max([GRID_GSD, *fixed]))
+    plans: dict[str, ModalityPlan] = {}
+    for name, its in items.items():
+        if not its:
+            raise EmptySearchError(f"modality {name!r}: no items to build from (the catalog search returned nothing)")
+        spec = specs[name]
+        native = partial(_native_resolution, spec, its, sources[name], grid.crs, patch_url)
+        res = _resolution(spec, resolutions.get(name), native)
+        plan = plan_modality(
+            name, its, sources[name], bands=list((bands or {}).get(name) or spec.bands), geobox=grid.geobox(res),
+            chunks=(1, *chunks), centre_lon=(region[0] + region[2]) / 2, units=spec.units, patch_url=patch_url,
+        )  # fmt: skip
+        if not any(plan.groups):
+            shown = "; ".join(p.message() for p in plan.problems[:3])
+            raise InputsUnreadableError(
+                f"no {name} input could be read: all {len(its)} item(s) are unusable ({shown}). Fix the catalog or "
+                "the files and rerun"
+            )
+        plans[name] = plan
+    return grid, plans
 
 
 def build_cube(
@@ -89,8 +145,8 @@ def build_cube(
         sources: how to read each modality's items (the catalog's ``ModalitySource``, or anything alike).
         region: WGS84 bbox (min lon, min lat, max lon, max lat) the cube must cover.
         crs: target projected CRS; default the UTM zone of the region centre.
-        resolutions: metres per modality; S2/S1 default 10 m, HR defaults to its native GSD snapped to the
-            model's HR grids (:data:`pipeline.cube.grid.HR_GSDS`).
+        resolutions: metres per modality; default each modality's ``default_resolution``, or its native GSD
+            snapped to its allowed resolutions (HR, :data:`pipeline.modalities.HR_GSDS`).
         chunks: (y, x) chunk shape in pixels of each modality's grid (one date per chunk).
         bands: band names per modality (default: the modality's bands in :mod:`pipeline.modalities`).
         overwrite: discard an existing cube built from a different plan instead of refusing.
@@ -103,50 +159,38 @@ def build_cube(
 
     """
     start = time.perf_counter()
-    resolutions = dict(resolutions or {})
-    for name in items:
-        if name not in sources:
-            raise ValueError(f"modality {name!r} has items but no source configuration")
-        res = resolutions.get(name)
-        if name != "hr" and res is not None and float(res) not in SENTINEL_GSDS:
-            raise ValueError(f"resolution of {name!r} must be one of {list(SENTINEL_GSDS)} m, got {res}")
-    snap = max([GRID_GSD, *(float(resolutions.get(n) or GRID_GSD) for n in items if n != "hr")])
-    grid = region_grid(region, crs, snap=snap)
-    centre_lon = (region[0] + region[2]) / 2
-    plans: dict[str, ModalityPlan] = {}
-    for name, its in items.items():
-        if not its:
-            raise ValueError(f"modality {name!r}: no items to build from (the catalog search returned nothing)")
-        if name == "hr":
-            res = _hr_resolution(name, its, sources[name], grid.crs, resolutions.get(name), patch_url)
-        else:
-            res = float(resolutions.get(name) or GRID_GSD)
-        spec = get_modality(name)
-        plans[name] = plan_modality(
-            name,
-            its,
-            sources[name],
-            bands=list((bands or {}).get(name) or spec.bands),
-            geobox=grid.geobox(res),
-            chunks=(1, *chunks),
-            centre_lon=centre_lon,
-            units=spec.units,
-            patch_url=patch_url,
-        )
-
+    grid, plans = plan_cube(
+        items, sources, region=region, crs=crs, resolutions=dict(resolutions or {}), chunks=chunks, bands=bands,
+        patch_url=patch_url,
+    )  # fmt: skip
     fingerprints = {name: p.fingerprint() for name, p in plans.items()}
     root = {
-        "region": list(region),
-        "crs": grid.crs,
-        "grid": grid.to_dict(),
-        "modalities": list(plans),
-        "code_version": f"skypipe {__version__}",
-        "fingerprints": fingerprints,
-        **dict(attrs or {}),
-    }
+        "region": list(region), "crs": grid.crs, "grid": grid.to_dict(), "modalities": list(plans),
+        "code_version": f"skypipe {__version__}", "fingerprints": fingerprints, **dict(attrs or {}),
+    }  # fmt: skip
     manifest = ChunkManifest(url)
+    _write_or_resume(url, plans, root, manifest, overwrite)
+    report = CubeReport(url=url)
+    workers = workers or max(4, 2 * (os.cpu_count() or 2))
+    _fill(url, plans, manifest, report, workers, batch_chunks or 2 * workers, progress)
+    for name, p in plans.items():
+        report.failures[name] = manifest.failures(name)
+        report.valid_fraction[name] = _finalise_group(url, p, report.failures[name])
+    if quicklooks:
+        from pipeline.cube.quicklook import write_quicklooks
+
+        report.quicklooks = write_quicklooks(url)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_or_resume(
+    url: str, plans: dict[str, ModalityPlan], root: dict[str, Any], manifest: ChunkManifest, overwrite: bool
+) -> None:
+    """Write the template, or keep the cube at ``url`` when it was built from the same plan (resume)."""
+    fingerprints = root["fingerprints"]
     existing = layout.root_attrs(url)
-    if not overwrite and (existing is not None or layout.store_exists(url)):
+    if not overwrite and (existing is not None or storage.exists(url)):
         if existing is None or "fingerprints" not in existing:
             raise ValueError(f"{url} exists and is not a skypipe cube; choose another cube path or pass --overwrite")
         if existing["fingerprints"] != fingerprints:
@@ -157,18 +201,21 @@ def build_cube(
     stored = manifest.plan()
     if existing and existing.get("fingerprints") == fingerprints and stored and stored["fingerprints"] == fingerprints:
         log.info("resuming the cube at %s", url)
-    else:
-        manifest.clear()
-        layout.write_root(url, root)
-        for name, p in plans.items():
-            layout.write_template(url, name, _group_template(p))
-        # Per-item problems found before reading (404, unreadable header, missing asset) go into the manifest too.
-        skipped = {name: [vars(x) for x in p.problems] for name, p in plans.items()}
-        manifest.reset({"fingerprints": fingerprints, "skipped_assets": skipped})
+        return
+    manifest.clear()
+    layout.write_root(url, root)
+    for name, p in plans.items():
+        layout.write_template(url, name, _group_template(p))
+    # Per-item problems found before reading (404, unreadable header, missing asset) go into the manifest too.
+    skipped = {name: [vars(x) for x in p.problems] for name, p in plans.items()}
+    manifest.reset({"fingerprints": fingerprints, "skipped_assets": skipped})
 
-    report = CubeReport(url=url)
-    workers = workers or max(4, 2 * (os.cpu_count() or 2))
-    batch = batch_chunks or 2 * workers
+
+def _fill(
+    url: str, plans: dict[str, ModalityPlan], manifest: ChunkManifest, report: CubeReport, workers: int, batch: int,
+    progress: bool,
+) -> None:  # fmt: skip
+    """Read, write and record every chunk not recorded yet, modality by modality."""
     pending_by = {}
     for name, p in plans.items():
         statuses = manifest.statuses(name)
@@ -183,15 +230,6 @@ def build_cube(
             runner = ChunkWriter(url, p, manifest, bar)
             runner.run(pending_by[name], batch, workers)
             report.chunks[name]["written"] = len(runner.done)
-    for name, p in plans.items():
-        report.failures[name] = manifest.failures(name)
-        report.valid_fraction[name] = _finalise_group(url, p, report.failures[name])
-    if quicklooks:
-        from pipeline.cube.quicklook import write_quicklooks
-
-        report.quicklooks = write_quicklooks(url)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _group_template(p: ModalityPlan) -> xr.Dataset:

@@ -5,21 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import xarray as xr
 import zarr
 
 from pipeline.cube import layout
-
-
-def open_modality(url: str, modality: str) -> xr.Dataset:
-    """One modality group as a lazy dataset with its CRS decoded (``.rio.crs``, ``.rio.transform()``)."""
-    return xr.open_zarr(url, group=modality, decode_coords="all", consolidated=False)
+from pipeline.cube.layout import open_modality
+from pipeline.storage import store_path
 
 
 def cube_info(url: str) -> dict[str, Any]:
     """Structured summary of the cube at ``url`` (valid fractions computed chunk by chunk if not stored)."""
     try:
-        root = zarr.open_group(url, mode="r", zarr_format=3)
+        root = zarr.open_group(store_path(url), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
         raise FileNotFoundError(f"no Zarr cube at {url}") from err
     attrs = dict(root.attrs)

@@ -11,20 +11,26 @@
 The template (coordinates, attributes, empty arrays) is written once with ``to_zarr(compute=False)``; pixel data
 goes in later one whole chunk at a time. :func:`check_region` asserts that every write covers whole Zarr chunks:
 a write straddling chunks would read-modify-write neighbours concurrently and silently lose data. No sharding.
+
+This module owns the layout: readers (inference, training, status) open a modality with :func:`open_modality` /
+:func:`modality_arrays` and ask :func:`cube_state` / :func:`chunk_progress` how far a build got, instead of
+knowing group and array names or the build manifest beside the cube (:mod:`pipeline.cube.manifest`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import dask.array as da
-import fsspec
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 from odc.geo.geobox import GeoBox
 from zarr.codecs import BloscCodec
+
+from pipeline.storage import store_path
 
 DATA_VAR = "data"
 VALID_VAR = "valid"
@@ -93,12 +99,6 @@ def write_root(url: str, attrs: dict[str, Any]) -> None:
     zarr.open_group(url, mode="w", zarr_format=3, attributes=attrs)
 
 
-def store_exists(url: str) -> bool:
-    """Whether anything is stored at ``url`` (local path or fsspec URL)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return bool(fs.exists(path))
-
-
 def root_attrs(url: str) -> dict[str, Any] | None:
     """Root attributes of an existing cube, ``None`` if there is none at ``url``."""
     try:
@@ -144,6 +144,53 @@ def write_chunk(
         raise AssertionError(f"block shapes {data.shape}/{valid.shape} do not fill chunk {index} {expected}")
     data_arr[t, :, y, x] = data
     valid_arr[t, y, x] = valid
+
+
+def open_modality(url: str, modality: str) -> xr.Dataset:
+    """One modality group as a lazy dataset with its CRS decoded (``.rio.crs``, ``.rio.transform()``)."""
+    return xr.open_zarr(store_path(url), group=modality, decode_coords="all", consolidated=False)
+
+
+def modality_arrays(url: str, modality: str) -> tuple[zarr.Array, zarr.Array]:
+    """The ``data`` (time, band, y, x) and ``valid`` (time, y, x) arrays of one modality, read-only."""
+    group = zarr.open_group(store_path(url), mode="r")[modality]
+    return group[DATA_VAR], group[VALID_VAR]
+
+
+def cube_modalities(url: str) -> list[str]:
+    """Modality groups of the cube at ``url`` (from its root attributes, else its groups)."""
+    root = zarr.open_group(store_path(url), mode="r")
+    return list(root.attrs.get("modalities") or [k for k, _ in root.groups()])
+
+
+def cube_state(url: str, modalities: list[str]) -> str:
+    """``missing``, ``incomplete`` (a build that did not finish: resumable) or ``complete``."""
+    from pipeline.cube.manifest import ChunkManifest
+
+    try:
+        root = zarr.open_group(store_path(url), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return "missing"
+    missing = [m for m in modalities if m not in root]
+    if missing:
+        return "missing" if len(missing) == len(modalities) else "incomplete"
+    if not ChunkManifest(url).exists():
+        return "complete"  # written by other means than the builder: nothing to resume
+    finished = all("valid_fraction" in root[m].attrs for m in modalities)
+    return "complete" if finished else "incomplete"
+
+
+def chunk_progress(url: str, modality: str) -> dict[str, int] | None:
+    """``{"done", "total", "failed"}`` chunks of a modality built by the cube stage (``None``: not built by it)."""
+    from pipeline.cube.manifest import ChunkManifest
+
+    manifest = ChunkManifest(url)
+    if manifest.plan() is None:
+        return None
+    data, _ = modality_arrays(url, modality)
+    total = math.prod(-(-n // c) for n, c in zip(data.shape, data.chunks))
+    statuses = manifest.statuses(modality)
+    return {"done": len(statuses), "total": total, "failed": sum(s == "failed" for s in statuses.values())}
 
 
 def valid_fractions(valid: zarr.Array) -> list[float]:

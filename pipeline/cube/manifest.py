@@ -13,12 +13,11 @@ local disks, a single PUT on object stores), so a killed build leaves at worst a
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from pipeline import storage
 
 ChunkIndex = tuple[int, int, int]  # (time, y block, x block)
 
@@ -39,30 +38,21 @@ class ChunkManifest:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def _write_atomic(self, path: str, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload, sort_keys=True, default=str).encode()
-        if isinstance(self.fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            # No fsync: a killed process loses nothing the kernel already has, and after a power cut the chunk
-            # data (not fsynced by Zarr either) could be gone anyway. The rename makes the record all-or-nothing.
-            os.replace(tmp, path)
-        else:  # object stores: a single PUT is atomic
-            self.fs.pipe_file(path, data)
+        # No fsync: a killed process loses nothing the kernel already has, and after a power cut the chunk data
+        # (not fsynced by Zarr either) could be gone anyway. The rename makes the record all-or-nothing.
+        storage.write_json(self.fs.unstrip_protocol(path), payload, fsync=False)
+
+    def exists(self) -> bool:
+        """Whether the cube stage has written a manifest for this cube."""
+        return bool(self.fs.exists(self.root))
 
     def plan(self) -> dict[str, Any] | None:
         """The stored plan (``None`` if no template was completed yet)."""
-        path = self._path("plan.json")
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "rb") as f:
-            return json.loads(f.read())
+        return storage.read_json(self.fs.unstrip_protocol(self._path("plan.json")), default=None)
 
     def reset(self, plan: dict[str, Any]) -> None:
         """Forget all chunk records and store a new ``plan`` (call after the template is written)."""
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        self.clear()
         self._write_atomic(self._path("plan.json"), plan)
 
     def clear(self) -> None:
@@ -78,7 +68,7 @@ class ChunkManifest:
         out = {}
         for path in self.fs.find(folder):
             name = path.rsplit("/", 1)[-1]
-            if not name.endswith(".json") or ".tmp-" in name:
+            if not name.endswith(".json") or storage.is_temporary(name):
                 continue  # a temporary file left by a killed build: that chunk is redone
             stem, status = name[: -len(".json")].rsplit(".", 1)
             t, y, x = (int(v) for v in stem.split("_"))
@@ -90,8 +80,7 @@ class ChunkManifest:
         out = []
         for (t, y, x), status in sorted(self.statuses(modality).items()):
             if status == "failed":
-                with self.fs.open(self._path(modality, f"{t}_{y}_{x}.failed.json"), "rb") as f:
-                    out.append(json.loads(f.read()))
+                out.append(json.loads(self.fs.cat_file(self._path(modality, f"{t}_{y}_{x}.failed.json"))))
         return out
 
     def mark(self, modality: str, index: ChunkIndex, status: str, record: dict[str, Any]) -> None:

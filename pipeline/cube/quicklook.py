@@ -18,20 +18,15 @@ from PIL import Image
 
 from pipeline.cube import layout
 from pipeline.cube.manifest import sidecar_url
+from pipeline.modalities import DEFAULT_MODALITIES
 
 log = logging.getLogger(__name__)
 
-RGB_RECIPES: dict[str, tuple[str, str, str]] = {
-    "s2": ("B04", "B03", "B02"),  # true colour
-    "s1": ("VV", "VH", "VV-VH"),  # false colour; VV-VH in dB is the VV/VH ratio
-    "hr": ("R", "G", "B"),
-}
-"""Channels of each modality's quicklook: band names, or ``A-B`` for a difference of two bands."""
-
 
 def _channels(bands: list[str], modality: str) -> list[tuple[int, int | None]]:
-    """(band index, subtracted band index or None) per RGB channel."""
-    recipe = RGB_RECIPES.get(modality)
+    """(band index, subtracted band index or None) per RGB channel (the modality's ``quicklook`` recipe)."""
+    spec = DEFAULT_MODALITIES.get(modality)
+    recipe = spec.quicklook if spec is not None else None
     names = set(bands)
     if recipe and all(all(p in names for p in c.split("-")) for c in recipe):
         out = []

@@ -47,14 +47,7 @@ log = logging.getLogger(__name__)
 # although dst_transform is given: harmless, silenced for rasterio.warp only.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.warp")
 
-GDAL_OPTIONS = GDAL_ENV
-"""Former name of :data:`pipeline.catalog.gdal.GDAL_ENV`, kept until ``pipeline/cube/build.py`` and
-``benchmarks/bench_cube.py`` import it from there (``gdal_path`` is re-exported here for the same reason)."""
-
-__all__ = [
-    "GDAL_OPTIONS", "AssetProblem", "asset_href", "check_assets", "find_unreadable", "gdal_path", "load_bands",
-    "split_band_ref",
-]  # fmt: skip
+__all__ = ["AssetProblem", "asset_href", "check_assets", "find_unreadable", "load_bands", "split_band_ref"]
 
 
 def split_band_ref(ref: str) -> tuple[str, int]:

@@ -27,14 +27,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
-import zarr
 
-from pipeline.infer.reader import CubeReader, Period, TileInputs
-from pipeline.infer.store import TileManifest, join, tiles_url, write_tile
-from pipeline.infer.task import load_task
+from pipeline import storage
+from pipeline.infer.params import InferenceParams
+from pipeline.infer.reader import CubeReader, TileInputs
+from pipeline.infer.store import TileManifest, open_for_writing, tiles_url, write_tile
+from pipeline.infer.task import resolve_task
 from pipeline.infer.tiling import Tile
 from pipeline.model.skysense import ModalityInput
 
@@ -78,14 +78,7 @@ class TileProcessor:
     """Reads, runs and writes batches of tiles of one job; usable without Ray.
 
     Args:
-        cube_url: the Zarr cube.
-        output_url: the job output folder holding ``tiles.zarr`` (created by the runner) and ``manifest/``.
-        checkpoint: checkpoint path/URL or model name (see :mod:`pipeline.infer.task`).
-        kind: ``embeddings``, ``segmentation`` or ``change``.
-        modalities: modalities to feed the model.
-        periods: one (start, end) time range; two (before, after) for ``change``.
-        num_classes: classes of a segmentation head without a stored one.
-        class_names: names of those classes.
+        params: the job's inference settings (the tile store must exist: the runner creates it).
         device: ``cpu``, ``cuda`` or a torch device.
         micro_batch: tiles per forward pass (default: 1 on CPU, the whole batch on GPU).
         faults: fault injection, see the module docstring.
@@ -96,33 +89,27 @@ class TileProcessor:
 
     def __init__(
         self,
+        params: InferenceParams,
         *,
-        cube_url: str,
-        output_url: str,
-        checkpoint: str | None,
-        kind: str,
-        modalities: Sequence[str],
-        periods: Sequence[Period],
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         device: str | torch.device = "cpu",
         micro_batch: int | None = None,
         faults: Mapping[int, str] | None = None,
         worker: Mapping[str, Any] | None = None,
         cache_bytes: int = 1 << 30,
     ) -> None:
-        self.output_url = output_url
+        self.params = params
+        self.output_url = params.output_url
         self.device = torch.device(device)
-        self.group = zarr.open_group(tiles_url(output_url), mode="r+", zarr_format=3)
-        self.tile_size = int(self.group.attrs["tile_size"])
+        self.group = open_for_writing(tiles_url(params.output_url))
+        attrs = self.group.attrs.asdict()
+        self.tile_size = int(attrs["tile_size"])
         self.origins = np.asarray(self.group["origin"][:])
-        self.task = load_task(checkpoint, kind, num_classes, class_names).to(self.device)
-        self.task.model.backbone.set_context_radius(self.group.attrs.get("context_radius"))  # as the store says
-        if kind == "change" and len(periods) != 2:
-            raise ValueError("change detection needs two periods (before, after)")
-        specs = {m: self.task.model.config.modality(m) for m in modalities}
-        self.reader = CubeReader(cube_url, specs, periods, cache_bytes=cache_bytes)
-        self.manifest = TileManifest(output_url)
+        resolved = resolve_task(params.checkpoint, params.kind, params.num_classes, params.class_names)
+        self.task = resolved.build(context_radius=attrs.get("context_radius")).to(self.device)  # as the store says
+        specs = {m: resolved.config.modality(m) for m in params.modalities}
+        grid = (int(attrs["grid"]["height"]), int(attrs["grid"]["width"]))
+        self.reader = CubeReader(params.cube_url, specs, params.periods, cache_bytes=cache_bytes, grid_shape=grid)
+        self.manifest = TileManifest(params.output_url)
         self.micro_batch = micro_batch or (1 if self.device.type == "cpu" else 1 << 30)
         self.faults = dict(faults or {})
         self.worker = dict(worker or {"host": socket.gethostname(), "pid": os.getpid()})
@@ -162,16 +149,15 @@ class TileProcessor:
         return self._read(ids)
 
     def forward(self, items: Sequence[TileInputs]) -> np.ndarray:
-        """Model output (B, K, S, S) float32 for tiles with data."""
+        """Model output (B, K, h, w) float32 for tiles with data and one extent (h, w)."""
         start = time.perf_counter()
         on_gpu = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
             inputs = _stack(items, 0, self.device)
             after = _stack(items, 1, self.device) if len(items[0].periods) > 1 else None
             out = self.task(inputs, after)  # (B, K, Hg, Wg)
-        S = self.tile_size
-        if tuple(out.shape[-2:]) != (S, S):
-            raise RuntimeError(f"model output grid {tuple(out.shape[-2:])} is not the tile's {S} x {S} pixels")
+        if tuple(out.shape[-2:]) != items[0].extent:
+            raise RuntimeError(f"model output grid {tuple(out.shape[-2:])} is not the tile's {items[0].extent} pixels")
         result = out.float().cpu().numpy()
         self.stats["compute_s"] += time.perf_counter() - start
         return result
@@ -185,12 +171,10 @@ class TileProcessor:
             while True:
                 time.sleep(3600)
         if mode == "exit-once":
-            marker = join(self.output_url, "manifest", "faults", f"{tile_id}.fired")
-            fs, path = fsspec.core.url_to_fs(marker)
-            if fs.exists(path):
+            marker = storage.join(self.output_url, "manifest", "faults", f"{tile_id}.fired")
+            if storage.exists(marker):
                 return
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            fs.pipe_file(path, b"1")
+            storage.write_bytes(marker, b"1")
         if mode in ("exit", "exit-once"):
             log.error("injected fault: worker %s exits on tile %d", self.worker, tile_id)
             os._exit(1)
@@ -202,9 +186,11 @@ class TileProcessor:
             "worker": self.worker, "finished_at": datetime.now(timezone.utc).isoformat(), **extra,
         }  # fmt: skip
 
-    def _write(self, item: TileInputs, out_KSS: np.ndarray, attempt: int, seconds: float) -> dict[str, Any]:
+    def _write(self, item: TileInputs, out_Khw: np.ndarray, attempt: int, seconds: float) -> dict[str, Any]:
         start = time.perf_counter()
-        valid = item.valid
+        valid, (h, w), S = item.valid, item.extent, self.tile_size
+        out_KSS = np.full((out_Khw.shape[0], S, S), np.nan, dtype=np.float32)
+        out_KSS[:, :h, :w] = out_Khw  # outside the grid: NaN, and not valid
         data = np.where(valid[None], out_KSS, np.nan).astype(np.float32)
         pooled = out_KSS[:, valid].mean(axis=1).astype(np.float32)
         write_tile(self.group, item.tile.id, data, valid.astype(np.uint8), pooled)
@@ -233,8 +219,12 @@ class TileProcessor:
                 results[tile_id] = rec
             else:
                 todo.append(item)
-        for i in range(0, len(todo), self.micro_batch):
-            self._run_group(todo[i : i + self.micro_batch], attempts, results)
+        by_extent: dict[tuple[int, int], list[TileInputs]] = {}
+        for item in todo:  # tiles cut at the grid's edge run apart from whole ones (one shape per forward)
+            by_extent.setdefault(item.extent, []).append(item)
+        for same in by_extent.values():
+            for i in range(0, len(same), self.micro_batch):
+                self._run_group(same[i : i + self.micro_batch], attempts, results)
         self.stats["tiles"] += len(ids)
         log.debug("batch of %d tiles in %.2f s", len(ids), time.perf_counter() - start)
         return [results[i] for i in ids]
@@ -285,19 +275,20 @@ class InferenceWorker:
     """Ray actor (wrapped with ``ray.remote`` by the runner) holding one :class:`TileProcessor`.
 
     Args:
+        params: the job's inference settings.
         threads: torch intra-op threads (the actor's CPU share).
-        gpus: GPU share of the actor; > 0 runs on CUDA when available.
-        **kwargs: :class:`TileProcessor` arguments.
+        faults: fault injection (see the module docstring).
 
     """
 
-    def __init__(self, *, threads: int | None = None, gpus: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, params: InferenceParams, *, threads: int | None = None, faults: Mapping[int, str] | None = None):
         import ray
 
         if threads:
             torch.set_num_threads(int(threads))
         worker = {"host": socket.gethostname(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
-        self.processor = TileProcessor(device=pick_device(gpus), worker=worker, **kwargs)
+        device = pick_device(params.gpus_per_actor)
+        self.processor = TileProcessor(params, device=device, worker=worker, faults=faults)
 
     def ready(self) -> dict[str, Any]:
         """Identity of this worker (also a liveness probe)."""

@@ -7,6 +7,12 @@ finished are never requeued. Ray restarts a dead actor up to ``max_restarts`` ti
 answer a liveness probe); after that the pool replaces it with a fresh actor. An actor that hangs (a batch running
 longer than ``batch_timeout`` seconds: a stuck GPU, a storage call that never returns) is killed and handled like
 a dead one, its tiles charged with a "timed out" attempt.
+
+Fail fast instead of looping: when actors die ``max_deaths_in_a_row`` times without any batch finishing in between
+(the usual cause is memory: the kernel's OOM killer or Ray's memory monitor kills an actor whose tiles are too big,
+Ray restarts it, it dies again), the run stops with :class:`ActorCrashLoopError` naming what to change; when no
+actor has started after ``start_timeout`` seconds (no node can host the requested CPUs/GPUs), it stops with
+:class:`ActorStartTimeoutError`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pipeline.errors import RunFailedError
 from pipeline.infer.store import TileManifest
 
 log = logging.getLogger(__name__)
+
+
+class ActorCrashLoopError(RunFailedError):
+    """Actors keep dying before they finish any batch (most often: out of memory)."""
+
+
+class ActorStartTimeoutError(RunFailedError):
+    """No inference actor could start in time (the cluster has no node with the requested resources)."""
 
 
 @dataclass
@@ -43,10 +58,16 @@ class ActorPool:
 
     def __init__(
         self, make_actor: Any, n: int, *, manifest: TileManifest, base: dict[int, int], max_restarts: int,
-        max_attempts: int, bar: tqdm, batch_timeout: float | None = None,
+        max_attempts: int, bar: tqdm, batch_timeout: float | None = None, start_timeout: float | None = 600.0,
+        max_deaths_in_a_row: int | None = None,
     ) -> None:  # fmt: skip
         self.make_actor, self.manifest, self.base, self.bar = make_actor, manifest, base, bar
-        self.batch_timeout = batch_timeout
+        self.batch_timeout, self.start_timeout = batch_timeout, start_timeout
+        self.max_deaths_in_a_row = max_deaths_in_a_row or 2 * n + max_restarts + 1
+        self.deaths_in_a_row = 0
+        self.last_death = ""
+        self.started_at = time.monotonic()
+        self.any_ready = False
         self.max_restarts, self.max_attempts = max_restarts, max_attempts
         self.queue: deque[list[int]] = deque()
         self.tries: dict[int, int] = {}
@@ -100,6 +121,15 @@ class ActorPool:
     def _on_death(self, slot: _Slot, err: BaseException) -> None:
         """The actor died holding ``slot.work``: charge one attempt per unfinished tile, retry them one by one."""
         reason = slot.hung or f"worker died while running this tile: {type(err).__name__}: {first_line(err)}"
+        if slot.hung is None:  # a hang is the batch's fault, not a crash loop of the actor
+            self.deaths_in_a_row += 1
+            self.last_death = reason
+            if self.deaths_in_a_row >= self.max_deaths_in_a_row:
+                raise ActorCrashLoopError(
+                    f"inference actors died {self.deaths_in_a_row} times in a row without finishing a batch; the usual "
+                    "cause is memory (the OOM killer or Ray's memory monitor): lower tiles.size or batch_size, or "
+                    f"give the actors more memory. Last: {reason}"
+                )
         slot.hung = None
         log.warning("actor lost while running tiles %s: %s", [t for t, _ in slot.work or []], reason)
         if slot.reserved:
@@ -119,6 +149,7 @@ class ActorPool:
 
     def _on_result(self, slot: _Slot, records: list[dict[str, Any]]) -> None:
         slot.work = None
+        self.deaths_in_a_row = 0
         for rec in records:
             if rec["status"] == "error":
                 self._retry(int(rec["tile_id"]), str(rec.get("error")))
@@ -144,6 +175,7 @@ class ActorPool:
             self._replace(slot)
             return
         slot.ready, slot.init_failures = True, 0
+        self.any_ready = True
         log.debug("actor ready: %s", info)
 
     def _replace(self, slot: _Slot) -> None:
@@ -173,9 +205,20 @@ class ActorPool:
                     self._on_result(slot, [{"tile_id": t, "status": "error", "error": first_line(err)}
                                            for t, _ in slot.work or []])  # fmt: skip
             self._kill_hung()
+            self._check_started()
             for slot in self.slots:
                 if slot.ready and slot.work is None:
                     self._dispatch(slot)
+
+    def _check_started(self) -> None:
+        """Give up when no actor at all has started within ``start_timeout`` seconds."""
+        if self.any_ready or self.start_timeout is None:
+            return
+        if time.monotonic() - self.started_at > self.start_timeout:
+            raise ActorStartTimeoutError(
+                f"no inference actor started within {self.start_timeout:g} s: the cluster has no node with the "
+                "CPUs/GPUs an actor asks for (gpus_per_actor, actors); lower them or add nodes"
+            )
 
     def _kill_hung(self) -> None:
         """Kill (for Ray to restart) every actor whose batch has run longer than ``batch_timeout``.

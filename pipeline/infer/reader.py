@@ -7,6 +7,10 @@ its integer ratio), and returns numpy arrays ready to be stacked into :class:`~p
 normalised with the model's own statistics, nodata zero-filled and marked in a per-pixel ``valid`` mask, day of
 year of every date.
 
+A tile that sticks out past the grid's far edges is cut to the part inside the grid (:attr:`TileInputs.extent`),
+not padded: the model then sees the grid's edge exactly as an untiled run does (its window attention masks what
+lies beyond an image), instead of a band of made-up zero pixels that would colour every mosaic's edge.
+
 Decoded cube chunks are kept in a small LRU cache: neighbouring tiles overlap and share chunks, so a chunk is
 decoded once per worker instead of once per tile that touches it.
 """
@@ -23,9 +27,8 @@ from typing import Any
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
-import xarray as xr
-import zarr
 
+from pipeline.cube import layout
 from pipeline.infer.tiling import Tile
 from pipeline.modalities import GRID_GSD, ModalitySpec
 
@@ -57,11 +60,16 @@ class ModalityArrays:
 
 @dataclass
 class TileInputs:
-    """Model inputs of one tile: one dict of modalities per period, and where any input was valid (S, S)."""
+    """Model inputs of one tile: one dict of modalities per period, and where any input was valid (S, S).
+
+    ``extent`` (h, w) is the part of the tile inside the grid (the whole tile except at the grid's far edges); the
+    model arrays cover only that part, ``valid`` the whole tile (False outside the grid).
+    """
 
     tile: Tile
     periods: list[dict[str, ModalityArrays]]
     valid: np.ndarray
+    extent: tuple[int, int]
 
     @property
     def all_nodata(self) -> bool:
@@ -90,10 +98,10 @@ def output_grid(cube_url: str, modalities: Sequence[str]) -> OutputGrid:
     """The 10 m grid of a cube: from its root ``grid`` attribute (bounds, shape) or else from a 10 m group."""
     from pyproj import CRS
 
-    root_grid = dict(zarr.open_group(cube_url, mode="r").attrs).get("grid")
+    root_grid = (layout.root_attrs(cube_url) or {}).get("grid")
     chunks: tuple[int, int] | None = None
     for name in modalities:
-        ds = xr.open_zarr(cube_url, group=name, decode_coords="all", consolidated=False)
+        ds = layout.open_modality(cube_url, name)
         t = ds.rio.transform()
         ratio = max(round(GRID_GSD / abs(t.a)), 1)
         cy, cx = (ds["data"].encoding.get("chunks") or ds["data"].shape)[-2:]
@@ -156,7 +164,7 @@ class _Group:
     """One modality group of the cube, with the date and band selection of the job."""
 
     def __init__(self, cube_url: str, spec: ModalitySpec, periods: Sequence[Period]) -> None:
-        ds = xr.open_zarr(cube_url, group=spec.name, decode_coords="all", consolidated=False)
+        ds = layout.open_modality(cube_url, spec.name)
         self.name, self.spec = spec.name, spec
         cube_bands = [str(b) for b in ds["band"].values]
         missing = [b for b in spec.bands if b not in cube_bands]
@@ -184,8 +192,7 @@ class _Group:
         self.dates = dates
         used = np.concatenate(self.selections) if self.selections else np.empty(0, int)
         self.t0, self.t1 = (int(used.min()), int(used.max()) + 1) if len(used) else (0, 0)
-        root = zarr.open_group(cube_url, mode="r")
-        self.data, self.valid = root[f"{spec.name}/data"], root[f"{spec.name}/valid"]
+        self.data, self.valid = layout.modality_arrays(cube_url, spec.name)
         self.shape = self.data.shape[-2:]
         self.chunks = self.data.chunks[-2:]
 
@@ -201,16 +208,16 @@ class _Group:
 
         return cache.get((self.name, by, bx), load)
 
-    def window(self, cache: _BlockCache, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-        """Tile window over the used dates: data (T, C, S*r, S*r) with NaN outside the cube, valid (T, S*r, S*r)."""
+    def window(self, cache: _BlockCache, tile: Tile, extent: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Tile window over the used dates, cut to ``extent`` (h, w) grid pixels: data (T, C, h*r, w*r), valid."""
         rows, cols = tile.window(self.ratio)
-        n = tile.size * self.ratio
+        eh, ew = extent[0] * self.ratio, extent[1] * self.ratio
         nt, nb = self.t1 - self.t0, len(self.band_index)
-        data = np.full((nt, nb, n, n), np.nan, dtype=np.float32)
-        valid = np.zeros((nt, n, n), dtype=bool)
+        data = np.full((nt, nb, eh, ew), np.nan, dtype=np.float32)
+        valid = np.zeros((nt, eh, ew), dtype=bool)
         (h, w), (ch, cw) = self.shape, self.chunks
-        r0, r1 = max(rows.start, 0), min(rows.stop, h)
-        c0, c1 = max(cols.start, 0), min(cols.stop, w)
+        r0, r1 = max(rows.start, 0), min(rows.start + eh, h)
+        c0, c1 = max(cols.start, 0), min(cols.start + ew, w)
         for by in range(r0 // ch, (r1 - 1) // ch + 1):
             for bx in range(c0 // cw, (c1 - 1) // cw + 1):
                 b = self.block(cache, by, bx)
@@ -242,10 +249,15 @@ class CubeReader:
         specs: Mapping[str, ModalitySpec],
         periods: Sequence[Period],
         cache_bytes: int = 1 << 30,
+        grid_shape: tuple[int, int] | None = None,
     ) -> None:
         if not periods:
             raise ValueError("at least one time period is needed")
         self.cube_url = cube_url
+        if grid_shape is None:
+            grid = output_grid(cube_url, list(specs))
+            grid_shape = (grid.height, grid.width)
+        self.grid_shape = grid_shape
         self.groups = [_Group(cube_url, spec, periods) for spec in specs.values()]
         self.n_periods = len(periods)
         used = [g for g in self.groups if all(len(s) for s in g.selections)]
@@ -268,13 +280,19 @@ class CubeReader:
         """Dates used per modality in ``period`` (ISO strings)."""
         return {g.name: [str(d)[:19] for d in g.dates[g.selections[period]]] for g in self.groups}
 
+    def extent(self, tile: Tile) -> tuple[int, int]:
+        """(h, w): the part of ``tile`` inside the grid, in grid pixels."""
+        H, W = self.grid_shape
+        return min(tile.size, H - tile.row), min(tile.size, W - tile.col)
+
     def read(self, tile: Tile) -> TileInputs:
         """All modalities and periods of ``tile``; ``valid`` (S, S) is True where any input pixel was valid."""
         S = tile.size
+        h, w = self.extent(tile)
         any_valid = np.zeros((S, S), dtype=bool)
         periods: list[dict[str, ModalityArrays]] = [{} for _ in range(self.n_periods)]
         for g in self.groups:
-            data, valid = g.window(self.cache, tile)  # (Tu, C, n, n), (Tu, n, n) over the used dates
+            data, valid = g.window(self.cache, tile, (h, w))  # (Tu, C, h*r, w*r), (Tu, h*r, w*r) over used dates
             x = g.spec.normalize(data, band_axis=-3)
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
             for p, sel in enumerate(g.selections):
@@ -282,6 +300,6 @@ class CubeReader:
                 periods[p][g.name] = ModalityArrays(x[idx], valid[idx], day_of_year(g.dates[sel]), g.gsd)
                 v = valid[idx].any(axis=0)
                 if g.ratio > 1:
-                    v = v.reshape(S, g.ratio, S, g.ratio).any(axis=(1, 3))
-                any_valid |= v
-        return TileInputs(tile, periods, any_valid)
+                    v = v.reshape(h, g.ratio, w, g.ratio).any(axis=(1, 3))
+                any_valid[:h, :w] |= v
+        return TileInputs(tile, periods, any_valid, (h, w))

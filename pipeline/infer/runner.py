@@ -1,9 +1,10 @@
 """The inference driver: plan tiles, skip finished ones, run batches on a pool of Ray actors, survive failures.
 
-Flow: describe the model (no weights loaded in the driver) -> open or create the tile store (refusing one written by
-another job) -> read the manifest and keep the tiles not yet done -> start ``actors`` :class:`InferenceWorker`
-actors -> dispatch batches with a ``ray.wait`` loop. Each actor gets its next batch together with the one after it,
-which it starts reading in its prefetch thread while the model runs.
+Flow: resolve the model (checkpoint, head and classes; no network is built in the driver) -> open or create the
+tile store (refusing one written by another job) -> read the manifest and keep the tiles not yet done -> start
+``actors`` :class:`InferenceWorker` actors (after checking the cluster can host them) -> dispatch batches with a
+``ray.wait`` loop. Each actor gets its next batch together with the one after it, which it starts reading in its
+prefetch thread while the model runs.
 
 Failures: a batch whose actor died (``RayActorError``) is requeued tile by tile (so one poisonous tile cannot sink
 its neighbours) on whichever actor is live; Ray restarts dead actors (``max_restarts``) and the driver replaces
@@ -21,19 +22,18 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from typing import Any
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
 from pipeline.infer.actor import FAULT_ENV, InferenceWorker, parse_faults
+from pipeline.infer.params import InferenceParams
 from pipeline.infer.pool import ActorPool
-from pipeline.infer.reader import OutputGrid, Period, output_grid
-from pipeline.infer.store import TileManifest, open_or_create_store, tiles_url
-from pipeline.infer.task import TaskInfo, describe_task, is_model_name
+from pipeline.infer.reader import OutputGrid, output_grid
+from pipeline.infer.store import FINISHED, TileManifest, counts, open_or_create_store, tiles_url
+from pipeline.infer.task import ResolvedTask, resolve_task
 from pipeline.infer.tiling import Tile, locality_order, origins_array, padding, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -65,18 +65,6 @@ class InferenceReport:
     def pending(self) -> int:
         """Tiles neither done, skipped nor failed."""
         return self.total - self.done - self.skipped - len(self.failed)
-
-
-def _absolute(url: str) -> str:
-    """Local paths made absolute (Ray workers do not share the driver's working directory); URLs unchanged."""
-    return url if "://" in url else os.path.abspath(url)
-
-
-def _period_str(p: Period) -> tuple[str, str]:
-    def one(v: datetime | date | str) -> str:
-        return v.isoformat() if isinstance(v, (date, datetime)) else str(v)
-
-    return one(p[0]), one(p[1])
 
 
 class RayUnreachableError(ConnectionError, ValueError):
@@ -124,85 +112,49 @@ def connect_ray(address: str | None = None, timeout_s: float = 30.0) -> bool:
 
 @dataclass
 class StorePlan:
-    """A job's output grid, tiles, model description and (created or reopened) tile store."""
+    """A job's output grid, tiles, resolved model and (created or reopened) tile store."""
 
     grid: OutputGrid
     tiles: list[Tile]
-    info: TaskInfo
-    periods: list[tuple[str, str]]
+    task: ResolvedTask
     url: str
 
 
-def prepare_store(
-    *,
-    cube_url: str,
-    output_url: str,
-    checkpoint: str | None,
-    kind: str,
-    modalities: Sequence[str],
-    periods: Sequence[Period],
-    tile_size: int,
-    overlap: int,
-    margin: int = 0,
-    context_radius: int | None = None,
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
-) -> StorePlan:
-    """Describe the model, plan the tiles and open or create the tile store (refusing one of another job).
+def prepare_store(params: InferenceParams) -> StorePlan:
+    """Resolve the model, plan the tiles and open or create the tile store (refusing one of another job).
 
-    ``context_radius`` None keeps the model's global stage-3/4 attention (as pre-trained); a radius switches to local
-    context (job specs do by default) and aligns the tile origins to the model's attention window, so the tiles
-    agree wherever they overlap (see :mod:`pipeline.model.layers.local_attention`). ``margin`` pixels at each inner
-    tile edge get zero weight when stitching.
+    ``params.context_radius`` None keeps the model's global stage-3/4 attention (as pre-trained); a radius switches
+    to local context (job specs do by default) and aligns the tile origins to the model's attention window, so the
+    tiles agree wherever they overlap (see :mod:`pipeline.model.layers.local_attention`). ``params.margin`` pixels at
+    each inner tile edge get zero weight when stitching.
     """
-    info = describe_task(checkpoint, kind, num_classes, class_names)
-    grid = output_grid(cube_url, modalities)
-    if not 0 <= 2 * margin <= overlap:
-        raise ValueError(f"margin {margin} must be between 0 and half the overlap {overlap}")
-    align = info.config.window_size if context_radius is not None else 1
-    tiles = plan_tiles(grid.height, grid.width, tile_size, overlap, align)
-    periods = [_period_str(p) for p in periods]
+    task = resolve_task(params.checkpoint, params.kind, params.num_classes, params.class_names)
+    grid = output_grid(params.cube_url, params.modalities)
+    align = task.config.window_size if params.context_radius is not None else 1
+    tiles = plan_tiles(grid.height, grid.width, params.tile_size, params.overlap, align)
+    periods = [list(p) for p in params.periods]
     attrs = {
         "grid": {"crs": grid.crs, "transform": list(grid.transform), "height": grid.height, "width": grid.width},
-        "kind": kind, "channels": info.channels, "tile_size": tile_size, "overlap": overlap, "margin": margin,
-        "context_radius": context_radius, "padded": list(padding(tiles, grid.height, grid.width)),
-        "n_tiles": len(tiles),
-        "class_names": info.class_names,
+        **params.output_kind.store_attrs(task.class_names, task.class_colors),
+        "channels": task.channels, "tile_size": params.tile_size, "overlap": params.overlap,
+        "margin": params.margin, "context_radius": params.context_radius,
+        "padded": list(padding(tiles, grid.height, grid.width)), "n_tiles": len(tiles),
         "provenance": {
-            "model": info.config.name, "code_version": info.code_version, "checkpoint": info.checkpoint,
-            "checkpoint_sha256": info.checkpoint_sha256, "random_init": info.random_init,
-            "preprocessing": info.preprocessing(list(modalities)), "cube": cube_url,
-            "time": list(periods[0]) if len(periods) == 1 else [list(p) for p in periods],
-            "modalities": list(modalities),
+            "model": task.config.name, "code_version": task.code_version, "checkpoint": task.checkpoint,
+            "checkpoint_sha256": task.checkpoint_sha256, "random_init": task.random_init,
+            "preprocessing": task.preprocessing(list(params.modalities)), "cube": params.cube_url,
+            "time": periods[0] if len(periods) == 1 else periods, "modalities": list(params.modalities),
         },
     }  # fmt: skip
-    url = tiles_url(output_url)
+    url = tiles_url(params.output_url)
     open_or_create_store(url, attrs, origins_array(tiles))
-    return StorePlan(grid, tiles, info, periods, url)
+    return StorePlan(grid, tiles, task, url)
 
 
 def run_inference(
+    params: InferenceParams,
     *,
-    cube_url: str,
-    output_url: str,
-    checkpoint: str | None,
-    kind: str = "embeddings",
-    modalities: Sequence[str],
-    periods: Sequence[Period],
-    tile_size: int = 256,
-    overlap: int = 32,
-    margin: int = 0,
-    context_radius: int | None = None,
-    batch_size: int = 8,
-    actors: int = 1,
-    gpus_per_actor: float = 0.0,
-    cpus_per_actor: float | None = None,
-    num_classes: int | None = None,
-    class_names: list[str] | None = None,
     address: str | None = None,
-    max_attempts: int = 3,
-    max_restarts: int = 2,
-    batch_timeout: float | None = None,
     progress: bool = True,
     faults: Mapping[int, str] | None = None,
 ) -> InferenceReport:
@@ -211,50 +163,34 @@ def run_inference(
     Returns the report; failed tiles are in ``report.failed`` (the caller decides the exit code).
     """
     start = time.perf_counter()
-    cube_url, output_url = _absolute(cube_url), _absolute(output_url)
-    if checkpoint and not is_model_name(checkpoint):
-        checkpoint = _absolute(checkpoint)
-    plan = prepare_store(
-        cube_url=cube_url, output_url=output_url, checkpoint=checkpoint, kind=kind, modalities=modalities,
-        periods=periods, tile_size=tile_size, overlap=overlap, margin=margin, context_radius=context_radius,
-        num_classes=num_classes, class_names=class_names,
-    )  # fmt: skip
-    grid, tiles, info, periods, url = plan.grid, plan.tiles, plan.info, plan.periods, plan.url
-    report = InferenceReport(url, len(tiles), area_km2=grid.height * grid.width * abs(grid.transform[0] ** 2) / 1e6)
-    manifest = TileManifest(output_url)
+    params = params.resolved()
+    plan = prepare_store(params)
+    grid, tiles = plan.grid, plan.tiles
+    area_km2 = grid.height * grid.width * abs(grid.transform[0] ** 2) / 1e6
+    report = InferenceReport(plan.url, len(tiles), area_km2=area_km2)
+    manifest = TileManifest(params.output_url)
     records = manifest.read_all()
-    finished = {t for t, r in records.items() if r.get("status") in ("done", "skipped")}
+    finished = {t for t, r in records.items() if r.get("status") in FINISHED}
     report.resumed = len(finished)
     pending = [t.id for t in locality_order(tiles, grid.chunks) if t.id not in finished]
     if pending:
         faults = dict(faults) if faults is not None else parse_faults(os.environ.get(FAULT_ENV))
-        worker_kwargs = {
-            "cube_url": cube_url, "output_url": output_url, "checkpoint": checkpoint, "kind": kind,
-            "modalities": list(modalities), "periods": periods, "num_classes": info.num_classes,
-            "class_names": info.class_names, "faults": faults,
-        }  # fmt: skip
         base = {t: int(r.get("attempts") or 0) for t, r in records.items() if r.get("status") == "failed"}
         bar = tqdm(total=len(tiles), initial=len(finished), unit="tile", desc="inference", disable=not progress)
         try:
-            failed, nodes = _run_pool(
-                pending, worker_kwargs, manifest, base, bar, batch_size=batch_size, actors=actors, gpus=gpus_per_actor,
-                cpus=cpus_per_actor, address=address, max_attempts=max_attempts, max_restarts=max_restarts,
-                batch_timeout=batch_timeout,
-            )  # fmt: skip
+            failed, nodes = _run_pool(pending, params, manifest, base, bar, address=address, faults=faults)
         finally:
             bar.close()
         report.nodes = sorted(nodes)
         for tile_id, error in failed.items():
             tile = tiles[tile_id]
-            attempts = base.get(tile_id, 0) + max_attempts
             manifest.write(
                 {"tile_id": tile_id, "index": tile_id, "origin": [tile.row, tile.col], "status": "failed",
-                 "error": error, "attempts": attempts, "seconds": 0.0}
+                 "error": error, "attempts": base.get(tile_id, 0) + params.max_attempts, "seconds": 0.0}
             )  # fmt: skip
-    records = manifest.read_all()
-    report.done = sum(r.get("status") == "done" for r in records.values())
-    report.skipped = sum(r.get("status") == "skipped" for r in records.values())
-    report.failed = {t: str(r.get("error")) for t, r in records.items() if r.get("status") == "failed"}
+    c = counts(manifest.read_all(), len(tiles))
+    report.done, report.skipped = c["done"], c["skipped"]
+    report.failed = {t: str(r.get("error")) for t, r in manifest.read_all().items() if r.get("status") == "failed"}
     report.computed = report.done + report.skipped - report.resumed
     report.seconds = time.perf_counter() - start
     return report
@@ -262,19 +198,13 @@ def run_inference(
 
 def _run_pool(
     pending: list[int],
-    worker_kwargs: dict[str, Any],
+    params: InferenceParams,
     manifest: TileManifest,
     base: dict[int, int],
     bar: tqdm,
     *,
-    batch_size: int,
-    actors: int,
-    gpus: float,
-    cpus: float | None,
     address: str | None,
-    max_attempts: int,
-    max_restarts: int,
-    batch_timeout: float | None = None,
+    faults: Mapping[int, str],
 ) -> tuple[dict[int, str], set[str]]:
     """Start the actors and run the pool; returns failed tiles (id -> error) and the nodes that ran tiles."""
     import ray
@@ -282,17 +212,19 @@ def _run_pool(
     owns_ray = connect_ray(address)
     pool: ActorPool | None = None
     try:
-        if cpus is None:
-            cpus = 1.0 if gpus > 0 else max(1.0, float(int(ray.cluster_resources().get("CPU", 1) // actors)))
+        cpus, gpus = check_resources(params, local=owns_ray)
         remote = ray.remote(InferenceWorker).options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts, max_task_retries=0, scheduling_strategy="SPREAD"
-        )
+            num_cpus=cpus, num_gpus=gpus, max_restarts=params.max_restarts, max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )  # fmt: skip
         threads = max(1, int(cpus))
         pool = ActorPool(
-            lambda: remote.remote(threads=threads, gpus=gpus, **worker_kwargs), actors, manifest=manifest, base=base,
-            max_restarts=max_restarts, max_attempts=max_attempts, bar=bar, batch_timeout=batch_timeout,
+            lambda: remote.remote(params, threads=threads, faults=faults), params.actors, manifest=manifest,
+            base=base, max_restarts=params.max_restarts, max_attempts=params.max_attempts, bar=bar,
+            batch_timeout=params.batch_timeout, start_timeout=params.start_timeout,
         )  # fmt: skip
-        pool.queue.extend(pending[i : i + batch_size] for i in range(0, len(pending), batch_size))
+        size = params.batch_size
+        pool.queue.extend(pending[i : i + size] for i in range(0, len(pending), size))
         pool.run()
         return pool.failed, pool.nodes
     finally:
@@ -300,3 +232,34 @@ def _run_pool(
             pool.shutdown()
         if owns_ray:
             ray.shutdown()
+
+
+class InsufficientResourcesError(ValueError):
+    """The Ray cluster cannot host the job's actors (a user error: the CLI prints it without a traceback)."""
+
+
+def check_resources(params: InferenceParams, local: bool) -> tuple[float, float]:
+    """CPUs and GPUs per actor, after checking the cluster can host at least one actor.
+
+    A local Ray (started by this run) has the resources it will ever have, so a job asking for more fails at once
+    with what to change. A cluster may autoscale: it is only checked against the resources its nodes can offer now
+    and the actors' start-up timeout (``ActorPool``) catches a request that never gets a node.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = float(params.gpus_per_actor)
+    cpus = params.cpus_per_actor
+    if cpus is None:
+        cpus = 1.0 if gpus > 0 else max(1.0, float(int(total.get("CPU", 1) // params.actors)))
+    if local and gpus > float(total.get("GPU", 0)):
+        raise InsufficientResourcesError(
+            f"the job asks for {gpus:g} GPU(s) per actor, but this machine's Ray has {total.get('GPU', 0):g}; set "
+            "gpus_per_actor: 0 to run on the CPU, or run on a cluster with GPU nodes (--address)"
+        )
+    if local and cpus > float(total.get("CPU", 0)):
+        raise InsufficientResourcesError(
+            f"each actor asks for {cpus:g} CPUs but this machine's Ray has {total.get('CPU', 0):g}; lower the actors' "
+            "CPU share or the number of actors"
+        )
+    return cpus, gpus

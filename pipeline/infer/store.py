@@ -1,12 +1,16 @@
-"""The tile store the inference stage writes and the mosaic stage reads, and its per-tile manifest.
+"""The tile store: the on-disk contract between the inference stage (writer) and the mosaic stage (reader).
 
-Layout under a job's output folder (local path or fsspec URL)::
+This module is the only one that knows the layout; the inference actors write through :func:`open_or_create_store`,
+:func:`write_tile` and :class:`TileManifest`, and every reader (mosaic, archive, status) goes through
+:func:`open_tile_store`. Layout under a job's output folder (local path or fsspec URL)::
 
     tiles.zarr/                 Zarr v3 group
-        attrs   grid {crs (WKT), transform (a, b, c, d, e, f), height, width}, kind, channels, tile_size, overlap,
-                margin, context_radius, padded [rows, cols], n_tiles, provenance {model, code_version, checkpoint,
-                checkpoint_sha256, preprocessing {modality: {bands, mean, std, units}}, cube, time, modalities}
+        attrs   grid {crs (WKT), transform (a, b, c, d, e, f), height, width}, kind, product (continuous |
+                classes), channels, class_names, class_colors, periods, tile_size, overlap, margin, context_radius,
+                padded [rows, cols], n_tiles, provenance {model, code_version, checkpoint, checkpoint_sha256,
+                preprocessing {modality: {bands, mean, std, units}}, cube, time, modalities}
         data    (n_tiles, C, S, S) float32, chunks (1, C, S, S), NaN fill: model output, NaN where no valid input
+                or outside the grid
         origin  (n_tiles, 2) int64: (row, col) of each tile's top-left pixel on the output grid
         valid   (n_tiles, S, S) uint8, chunks (1, S, S), 0 fill: 1 where the model had any valid input
         pooled  (n_tiles, C) float32, chunks (1, C), NaN fill: mean of ``data`` over valid pixels
@@ -14,29 +18,35 @@ Layout under a job's output folder (local path or fsspec URL)::
                                      seconds, valid_fraction, worker, finished_at}
 
 One chunk per tile, so every tile write is chunk-aligned and concurrent writers never touch the same chunk. A
-manifest record is written atomically (temporary file + rename; a single PUT on object stores) only after the
-tile's arrays, so "done" in the manifest means the arrays are complete; tiles never written read back as fill.
+manifest record is written atomically only after the tile's arrays, so "done" in the manifest means the arrays are
+complete; tiles never written read back as fill. Tile ids are the rows of the arrays.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import uuid
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
+from affine import Affine
 from zarr.codecs import BloscCodec
 
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
 TILES = "tiles.zarr"
+MANIFEST = "manifest/tiles"
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 """[ours] Embeddings barely compress (about 0.9 with any codec); lz4 writes a 128 x 64 x 64 tile in half the time
 of Zarr's default zstd, which matters when a GPU produces tiles faster than one CPU core can compress them."""
-MANIFEST = "manifest/tiles"
+FINISHED = ("done", "skipped")
 
 # Attributes that must match for a run to continue an existing store; code_version may differ.
 _IDENTITY = ("kind", "channels", "tile_size", "overlap", "margin", "context_radius", "grid", "n_tiles")
@@ -47,14 +57,14 @@ class TileStoreMismatchError(ValueError):
     """An existing tile store was written by a different job (model, checkpoint, tiling, grid, ...)."""
 
 
-def join(url: str, *parts: str) -> str:
-    """``url/part/...`` for local paths and fsspec URLs alike."""
-    return "/".join([url.rstrip("/"), *parts])
-
-
 def tiles_url(output_url: str) -> str:
     """The tile store of a job output folder."""
-    return join(output_url, TILES)
+    return storage.join(output_url, TILES)
+
+
+def output_of(tiles: str) -> str:
+    """The job output folder of a tile store URL."""
+    return storage.parent(tiles)
 
 
 def _jsonable(value: Any) -> Any:
@@ -68,6 +78,11 @@ def _identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return _jsonable(ident)
 
 
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def open_or_create_store(url: str, attrs: Mapping[str, Any], origins: np.ndarray) -> zarr.Group:
     """Create the tile store at ``url``, or reopen it after checking it belongs to the same job.
 
@@ -78,7 +93,7 @@ def open_or_create_store(url: str, attrs: Mapping[str, Any], origins: np.ndarray
     attrs = _jsonable(dict(attrs))
     n, C, S = int(attrs["n_tiles"]), len(attrs["channels"]), int(attrs["tile_size"])
     try:
-        group = zarr.open_group(url, mode="r+", zarr_format=3)
+        group = zarr.open_group(storage.store_path(url), mode="r+", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         group = None
     if group is not None and group.attrs.asdict():
@@ -92,7 +107,7 @@ def open_or_create_store(url: str, attrs: Mapping[str, Any], origins: np.ndarray
                 + "\nChoose another output.path, or delete the old outputs to recompute them."
             )
     else:
-        group = zarr.open_group(url, mode="a", zarr_format=3)
+        group = zarr.open_group(storage.store_path(url), mode="a", zarr_format=3)
         group.attrs.update(attrs)
     specs = {
         "data": ((n, C, S, S), (1, C, S, S), "float32", np.nan, ("tile", "channel", "y", "x")),
@@ -113,9 +128,9 @@ def open_or_create_store(url: str, attrs: Mapping[str, Any], origins: np.ndarray
     return group
 
 
-def _short(value: Any, limit: int = 160) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[:limit] + "..."
+def open_for_writing(url: str) -> zarr.Group:
+    """An existing tile store opened for tile writes (actors; the runner created it)."""
+    return zarr.open_group(storage.store_path(url), mode="r+", zarr_format=3)
 
 
 def write_tile(group: zarr.Group, index: int, data: np.ndarray, valid: np.ndarray, pooled: np.ndarray) -> None:
@@ -129,43 +144,161 @@ class TileManifest:
     """Per-tile status records under ``{output}/manifest/tiles``."""
 
     def __init__(self, output_url: str) -> None:
-        self.url = join(output_url, MANIFEST)
+        self.url = storage.join(output_url, MANIFEST)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
 
     def path(self, tile_id: int) -> str:
-        """Record path of ``tile_id``."""
-        return f"{self.root.rstrip('/')}/{tile_id}.json"
+        """Record URL of ``tile_id``."""
+        return storage.join(self.url, f"{int(tile_id)}.json")
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Store ``record`` (needs ``tile_id``) atomically."""
-        path = self.path(int(record["tile_id"]))
-        data = json.dumps(_jsonable(dict(record)), sort_keys=True).encode()
-        if isinstance(self.fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        storage.write_json(self.path(int(record["tile_id"])), _jsonable(dict(record)))
 
     def read(self, tile_id: int) -> dict[str, Any] | None:
         """One record, or ``None``."""
-        try:
-            return json.loads(self.fs.cat_file(self.path(tile_id)))
-        except FileNotFoundError:
-            return None
+        return storage.read_json(self.path(tile_id), default=None)
 
     def read_all(self) -> dict[int, dict[str, Any]]:
         """Every record, keyed by tile id (temporary files of interrupted writes are ignored)."""
         if not self.fs.exists(self.root):
             return {}
-        paths = [p for p in self.fs.ls(self.root, detail=False) if p.endswith(".json")]
-        blobs = self.fs.cat(paths) if paths else {}
+        paths = [p for p in self.fs.ls(self.root, detail=False) if p.endswith(".json") and not storage.is_temporary(p)]
+        blobs = self.fs.cat(paths) if paths else {}  # one batched request set on object stores
         records = {}
         for path in paths:
             rec = json.loads(blobs[path])
             records[int(rec["tile_id"])] = rec
         return records
+
+
+def counts(records: Mapping[int, Mapping[str, Any]], total: int) -> dict[str, int]:
+    """Tiles per status (``done``, ``skipped``, ``failed``) and ``pending`` (no record yet) out of ``total``."""
+    out = {s: sum(r.get("status") == s for r in records.values()) for s in ("done", "skipped", "failed")}
+    out["pending"] = total - sum(out.values())
+    return out
+
+
+def fingerprint(output_url: str) -> str:
+    """Hash of the finished tiles (id, status, finish time): what the stages after inference depend on."""
+    records = TileManifest(output_url).read_all()
+    done = sorted((t, r.get("status"), r.get("finished_at")) for t, r in records.items())
+    return hashlib.sha256(json.dumps(done, default=str).encode()).hexdigest()
+
+
+@dataclass
+class TileStore:
+    """An opened tile store (read side): its grid, metadata, tile origins and which tiles are done."""
+
+    url: str
+    group: zarr.Group
+    attrs: dict[str, Any]
+    transform: Affine
+    origins: np.ndarray  # (N, 2) int64
+    done: np.ndarray  # (M,) int64 tile ids of done tiles, sorted
+
+    @property
+    def crs(self) -> str:
+        """CRS of the output grid (WKT)."""
+        return str(self.attrs["grid"]["crs"])
+
+    @property
+    def height(self) -> int:
+        """Rows of the output grid."""
+        return int(self.attrs["grid"]["height"])
+
+    @property
+    def width(self) -> int:
+        """Columns of the output grid."""
+        return int(self.attrs["grid"]["width"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the output grid."""
+        return self.height, self.width
+
+    @property
+    def kind(self) -> str:
+        """Output kind name (``embeddings``, ``segmentation``, ...)."""
+        return str(self.attrs["kind"])
+
+    @property
+    def product(self) -> str:
+        """What the channels are: ``continuous`` values or per-class scores (``classes``)."""
+        return str(self.attrs.get("product", "continuous"))
+
+    @property
+    def channels(self) -> list[str]:
+        """Channel names."""
+        return [str(c) for c in self.attrs["channels"]]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names of a class-score product."""
+        names = self.attrs.get("class_names")
+        return None if names is None else [str(n) for n in names]
+
+    @property
+    def class_colors(self) -> list[str] | None:
+        """``#rrggbb`` colour of each class (class-score products)."""
+        return self.attrs.get("class_colors")
+
+    @property
+    def tile_size(self) -> int:
+        """Tile side in output pixels."""
+        return int(self.attrs["tile_size"])
+
+    @property
+    def overlap(self) -> int:
+        """Pixels shared by neighbouring tiles."""
+        return int(self.attrs.get("overlap", 0))
+
+    @property
+    def margin(self) -> int:
+        """Zero-weight band at inner tile edges (blending)."""
+        return int(self.attrs.get("margin", 0))
+
+    @property
+    def context_radius(self) -> int | None:
+        """Stage-3/4 neighbourhood radius the tiles were computed with (None: global)."""
+        return self.attrs.get("context_radius")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Model, checkpoint, preprocessing, cube and time of the tiles."""
+        return dict(self.attrs.get("provenance", {}))
+
+    def footprint(self, index: int) -> tuple[int, int, int, int]:
+        """``(row0, row1, col0, col1)`` of tile ``index`` clipped to the grid (end-exclusive)."""
+        r, c = (int(v) for v in self.origins[index])
+        s = self.tile_size
+        return max(r, 0), min(r + s, self.height), max(c, 0), min(c + s, self.width)
+
+    def footprint_bounds(self, index: int) -> tuple[float, float, float, float]:
+        """``(minx, miny, maxx, maxy)`` of tile ``index``'s clipped footprint in the grid CRS."""
+        r0, r1, c0, c1 = self.footprint(index)
+        xs, ys = zip(*(self.transform @ (c, r) for c, r in ((c0, r0), (c1, r1))))
+        return min(xs), min(ys), max(xs), max(ys)
+
+
+def open_tile_store(url: str) -> TileStore:
+    """Open the tile store at ``url`` (a ``tiles.zarr`` group) and resolve which of its tiles are done."""
+    try:
+        group = zarr.open_group(storage.store_path(url), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise FileNotFoundError(f"no tile store at {url} (run the job's inference stage first)") from None
+    attrs = group.attrs.asdict()
+    missing = {"grid", "kind", "channels", "tile_size"} - set(attrs)
+    if missing:
+        raise ValueError(f"{url} is not a tile store: attrs {sorted(missing)} missing")
+    transform = Affine(*attrs["grid"]["transform"][:6])
+    if transform.b or transform.d:
+        raise ValueError(f"{url}: rotated grids are not supported (transform {tuple(transform)[:6]})")
+    origins = np.asarray(group["origin"][:], dtype=np.int64).reshape(-1, 2)
+    records = TileManifest(output_of(url)).read_all()
+    done = np.array(sorted(t for t, r in records.items() if r.get("status") == "done"), dtype=np.int64)
+    if len(done) and not (done[0] >= 0 and done[-1] < len(origins)):
+        raise ValueError(f"{url}: manifest records name tiles outside 0..{len(origins) - 1}")
+    if len(done) == 0:
+        log.warning("%s: no tile is done; the mosaic will be empty", url)
+    return TileStore(url=url, group=group, attrs=attrs, transform=transform, origins=origins, done=done)

@@ -3,21 +3,26 @@
 ``checkpoint`` is a checkpoint path / fsspec URL (:mod:`pipeline.model.checkpoint`), or a bare model name such as
 ``skysense_v2_tiny``, which means random weights from a fixed seed (a demo of the code path, not a model: the
 provenance says so). Trained heads travel in the checkpoint's ``extra["heads"][kind]``, either as a head state
-dict or as ``{"state_dict": ..., "class_names": [...]}``.
+dict or as ``{"state_dict": ..., "class_names": [...], "class_colors": [...]}``.
+
+The driver (which only describes the model: channels, classes, identity) and every actor (which builds it) go
+through the same :func:`resolve_task`, so both always agree on the model, its head and its classes.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import torch
 
-from pipeline.model.checkpoint import checkpoint_sha256, code_version, load_checkpoint, read_checkpoint
+from pipeline.kinds import OutputKind, get_kind
+from pipeline.model.checkpoint import checkpoint_sha256, code_version, read_checkpoint
 from pipeline.model.config import MODEL_CONFIGS, SkySenseConfig, get_config
 from pipeline.model.heads import TaskModel, build_task
 from pipeline.model.skysense import SkySenseV2
@@ -26,29 +31,6 @@ log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 DEFAULT_MODEL = "skysense_v2_tiny"
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What the driver needs to know about a job's model without loading its weights."""
-
-    config: SkySenseConfig
-    checkpoint: str
-    checkpoint_sha256: str
-    random_init: bool
-    kind: str
-    channels: list[str]
-    num_classes: int | None
-    class_names: list[str] | None
-    code_version: str
-
-    def preprocessing(self, modalities: list[str]) -> dict[str, dict[str, Any]]:
-        """Band order, normalisation and units of each used modality (tile-store provenance)."""
-        out = {}
-        for name in modalities:
-            m = self.config.modality(name)
-            out[name] = {"bands": list(m.bands), "mean": list(m.mean), "std": list(m.std), "units": m.units}
-        return out
 
 
 def is_model_name(checkpoint: str) -> bool:
@@ -64,72 +46,128 @@ def _random_init_id(config: SkySenseConfig) -> str:
     return "random-init:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _head(extra: dict[str, Any], kind: str) -> tuple[dict[str, torch.Tensor] | None, list[str] | None]:
-    entry = (extra.get("heads") or {}).get(kind)
-    if entry is None:
-        return None, None
-    if isinstance(entry, dict) and "state_dict" in entry:
-        return entry["state_dict"], entry.get("class_names")
-    return entry, None
-
-
-def _num_classes(state: dict[str, torch.Tensor] | None, class_names: list[str] | None) -> int | None:
-    if class_names:
-        return len(class_names)
-    weight = (state or {}).get("classifier.weight")
-    return int(weight.shape[0]) if weight is not None else None
-
-
-def describe_task(
-    checkpoint: str | None, kind: str, num_classes: int | None = None, class_names: list[str] | None = None
-) -> TaskInfo:
-    """Config, output channels and identity of the job's model (the weights are built on the meta device)."""
-    checkpoint = checkpoint or DEFAULT_MODEL
-    if is_model_name(checkpoint):
-        config, extra, sha, random_init = get_config(checkpoint), {}, "", True
-        sha = _random_init_id(config)
-        version = code_version()
-    else:
-        payload = read_checkpoint(checkpoint)
-        config = SkySenseConfig.from_dict(payload["model"])
-        extra, sha, random_init = payload.get("extra") or {}, checkpoint_sha256(checkpoint), False
-        version = str(payload.get("code_version", ""))
-    state, stored_names = _head(extra, kind)
-    class_names = class_names or stored_names
-    num_classes = num_classes or _num_classes(state, class_names)
-    with torch.device("meta"):
-        task = build_task(kind, SkySenseV2(config), num_classes=num_classes, class_names=class_names)
-    return TaskInfo(
-        config=config,
-        checkpoint=checkpoint,
-        checkpoint_sha256=sha,
-        random_init=random_init,
-        kind=kind,
-        channels=list(task.channel_names),
-        num_classes=num_classes if kind != "embeddings" else None,
-        class_names=class_names,
-        code_version=version,
+def _not_found(checkpoint: str) -> FileNotFoundError:
+    close = difflib.get_close_matches(checkpoint, list(MODEL_CONFIGS), n=1)
+    hint = f"did you mean the model name {close[0]!r}? " if close else ""
+    return FileNotFoundError(
+        f"checkpoint {checkpoint!r} not found; {hint}give a checkpoint file or one of the model names "
+        f"{sorted(MODEL_CONFIGS)} (random weights)"
     )
 
 
-def load_task(
-    checkpoint: str | None, kind: str, num_classes: int | None = None, class_names: list[str] | None = None
-) -> TaskModel:
-    """The runnable task model (eval mode, on CPU)."""
+@dataclass
+class ResolvedTask:
+    """A job's model and head, resolved from its checkpoint without building the network.
+
+    Attributes:
+        config: the architecture and modalities.
+        kind: the output kind.
+        checkpoint: what the job named (path/URL or model name).
+        checkpoint_sha256: identity of the weights (a hash of config + seed for a random init).
+        random_init: no trained weights at all.
+        code_version: skypipe version that wrote the checkpoint.
+        num_classes, class_names, class_colors: classes of a class-score kind (None for continuous ones).
+        head_state: trained head weights for the kind, if the checkpoint carries them.
+        state_dict: backbone + fusion weights (None for a random init).
+    """
+
+    config: SkySenseConfig
+    kind: OutputKind
+    checkpoint: str
+    checkpoint_sha256: str
+    random_init: bool
+    code_version: str
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    class_colors: list[str] | None = None
+    head_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def channels(self) -> list[str]:
+        """Output channel names: the class names, or the kind's channel names (built on the meta device)."""
+        with torch.device("meta"):
+            return list(self._task(SkySenseV2(self.config), quiet=True).channel_names)
+
+    def preprocessing(self, modalities: list[str]) -> dict[str, dict[str, Any]]:
+        """Band order, normalisation and units of each used modality (tile-store provenance)."""
+        out = {}
+        for name in modalities:
+            m = self.config.modality(name)
+            out[name] = {"bands": list(m.bands), "mean": list(m.mean), "std": list(m.std), "units": m.units}
+        return out
+
+    def _task(self, model: SkySenseV2, quiet: bool = False) -> TaskModel:
+        return build_task(
+            self.kind, model, num_classes=self.num_classes, class_names=self.class_names,
+            head_state=self.head_state if not quiet else None, quiet=quiet,
+        )  # fmt: skip
+
+    def build(self, context_radius: int | None = None) -> TaskModel:
+        """The runnable task model (eval mode, on CPU) with stage-3/4 context ``context_radius``."""
+        if self.random_init:
+            log.warning("checkpoint %r is a model name: random weights (seed %d)", self.checkpoint, RANDOM_INIT_SEED)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = SkySenseV2(self.config, context_radius=context_radius)
+        else:
+            model = SkySenseV2(self.config, context_radius=context_radius)
+            model.load_state_dict(self.state_dict or {}, strict=True)
+        return self._task(model).eval()
+
+
+def _head(extra: dict[str, Any], kind: str) -> dict[str, Any]:
+    entry = (extra.get("heads") or {}).get(kind)
+    if entry is None:
+        return {}
+    if isinstance(entry, dict) and "state_dict" in entry:
+        return entry
+    return {"state_dict": entry}
+
+
+def resolve_task(
+    checkpoint: str | None,
+    kind: str | OutputKind,
+    num_classes: int | None = None,
+    class_names: list[str] | tuple[str, ...] | None = None,
+) -> ResolvedTask:
+    """Read the job's checkpoint (or model name) and decide the model, the head and the classes.
+
+    Classes come from the checkpoint's trained head when it has one for ``kind``, else from the job spec
+    (``num_classes`` / ``class_names``), else from the kind's defaults.
+
+    Raises:
+        FileNotFoundError: neither a checkpoint nor a model name (the message suggests the closest name).
+        ValueError: a class count or names that contradict the trained head.
+    """
+    kind = get_kind(kind)
     checkpoint = checkpoint or DEFAULT_MODEL
     if is_model_name(checkpoint):
-        log.warning("checkpoint %r is a model name: random weights (seed %d)", checkpoint, RANDOM_INIT_SEED)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = SkySenseV2(get_config(checkpoint))
-        extra: dict[str, Any] = {}
+        config = get_config(checkpoint)
+        out = ResolvedTask(config, kind, checkpoint, _random_init_id(config), True, code_version())
+        head: dict[str, Any] = {}
     else:
-        model, payload = load_checkpoint(checkpoint)
-        extra = payload.get("extra") or {}
-    state, stored_names = _head(extra, kind)
-    class_names = class_names or stored_names
-    task = build_task(
-        kind, model, num_classes=num_classes or _num_classes(state, class_names), class_names=class_names,
-        head_state=state,
-    )  # fmt: skip
-    return task.eval()
+        fs, path = fsspec.core.url_to_fs(checkpoint)
+        if not fs.exists(path):
+            raise _not_found(checkpoint)
+        payload = read_checkpoint(checkpoint)
+        config = SkySenseConfig.from_dict(payload["model"])
+        out = ResolvedTask(
+            config, kind, checkpoint, checkpoint_sha256(checkpoint), False, str(payload.get("code_version", "")),
+            state_dict=payload["state_dict"],
+        )  # fmt: skip
+        head = _head(payload.get("extra") or {}, kind.name)
+    out.head_state = head.get("state_dict")
+    stored = head.get("class_names")
+    weight = (out.head_state or {}).get("classifier.weight")
+    trained_n = len(stored) if stored else (int(weight.shape[0]) if weight is not None else None)
+    if trained_n is not None and num_classes is not None and num_classes != trained_n:
+        raise ValueError(
+            f"output.num_classes is {num_classes} but the checkpoint's trained {kind.name} head has {trained_n} "
+            "classes; drop output.num_classes (the head decides) or use another checkpoint"
+        )
+    names = list(class_names) if class_names else stored
+    out.class_names = kind.class_names(num_classes or trained_n, names)
+    out.num_classes = None if out.class_names is None else len(out.class_names)
+    out.class_colors = head.get("class_colors") if out.class_names else None
+    return out

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.modalities import ModalitySpec
 
-from .layers.attention import Block, context_attention, with_context_radius
+from .layers.attention import Block, context_attention
 from .layers.local_attention import TokenGrid
 from .layers.mlp import Mlp
 from .layers.moe import MoEFeedForward
@@ -235,21 +235,6 @@ class SkySenseV2Backbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward to save memory (training)."""
         self.grad_checkpointing = enable
-
-    def set_context_radius(self, radius: int | None) -> None:
-        """Deprecated: pass ``context_radius`` to the constructor (``create_model``, ``load_checkpoint``) instead.
-
-        Switches the attention of the prompted stages of a built model between global (None) and local
-        neighbourhood attention of ``radius`` grid cells, keeping the weights. Kept until the callers in
-        ``pipeline.infer`` pass the radius when they build the model.
-        """
-        if radius is not None and radius < 1:
-            raise ValueError(f"context radius must be >= 1 token, got {radius}")
-        for blocks, prompted in zip(self.stages, self.prompted):
-            if prompted:
-                for blk in blocks:
-                    blk.attn = with_context_radius(blk.attn, radius)
-        self.context_radius = radius
 
     def merges_for(self, modality: str, gsd: float) -> tuple[bool, ...]:
         """APM schedule for one input (see :func:`merge_schedule`)."""

@@ -1,10 +1,12 @@
 """Task models on top of the feature API: embeddings, semantic segmentation, bi-temporal change.
 
 Every task model maps model inputs to a (B, K, Hg, Wg) map on the shared 10 m grid, so one inference code
-path serves all output kinds. Heads only consume ``SkySenseV2.forward_intermediates``.
+path serves all output kinds. Heads only consume ``SkySenseV2.forward_intermediates``. Which task model an output
+kind uses is the kind's decision (:meth:`pipeline.kinds.OutputKind.task`); :func:`build_task` adds seeding and
+trained head weights.
 
-Until fine-tuned heads exist, segmentation/change heads are randomly initialised (seeded); the code path is
-the real one. A checkpoint may carry a trained head in ``extra["heads"][kind]``.
+Without trained weights a head is randomly initialised (seeded); the code path is the real one. A checkpoint may
+carry a trained head in ``extra["heads"][kind]``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.kinds import OutputKind, get_kind
+
 from .skysense import ModalityInput, SkySenseV2
 
 log = logging.getLogger(__name__)
-
-TASK_KINDS = ("embeddings", "segmentation", "change")
 
 
 def _temporal_mean(x: Tensor) -> Tensor:
@@ -140,33 +142,40 @@ class ChangeTask(SegmentationTask):
 
 
 def build_task(
-    kind: str,
+    kind: str | OutputKind,
     model: SkySenseV2,
     num_classes: int | None = None,
     modality: str | None = None,
     class_names: list[str] | None = None,
     head_state: Mapping[str, Tensor] | None = None,
     seed: int = 0,
+    quiet: bool = False,
 ) -> TaskModel:
     """Wrap ``model`` for an output kind; loads ``head_state`` when a trained head is available.
+
+    Args:
+        kind: an output kind or its name (:mod:`pipeline.kinds`).
+        model: the backbone + fusion.
+        num_classes, class_names: classes of a class-score kind.
+        modality: whose stage maps feed a segmentation/change head (default: the first present).
+        head_state: trained head weights; None initialises the head from ``seed``.
+        seed: seed of an untrained head, so resumed jobs and reruns give identical outputs.
+        quiet: no warning about an untrained head (describing a model, not running it).
 
     Raises:
         ValueError: unknown kind or missing class count.
     """
-    if kind not in TASK_KINDS:
-        raise ValueError(f"unknown output kind {kind!r}; choose one of {list(TASK_KINDS)}")
-    if kind == "embeddings":
-        return EmbeddingTask(model)
+    kind = get_kind(kind)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # reproducible random heads: resumed jobs and reruns give identical outputs
-        if kind == "segmentation":
-            if not num_classes:
-                raise ValueError("segmentation needs num_classes (output.num_classes in the job spec)")
-            task: TaskModel = SegmentationTask(model, num_classes, class_names, modality)
-        else:
-            task = ChangeTask(model, num_classes or 2, class_names, modality)
+        torch.manual_seed(seed)
+        task = kind.task(model, num_classes=num_classes, class_names=class_names)
+    head = getattr(task, "head", None)
+    if modality is not None:
+        task.modality = modality  # type: ignore[attr-defined]
+    if head is None:
+        return task
     if head_state is not None:
-        task.head.load_state_dict(head_state)  # type: ignore[union-attr]
-    else:
-        log.warning("%s head is randomly initialised (seed %d): outputs are not meaningful classes yet", kind, seed)
+        head.load_state_dict(head_state)
+    elif not quiet:
+        log.warning("%s head is randomly initialised (seed %d): outputs are not meaningful yet", kind.name, seed)
     return task

@@ -52,9 +52,9 @@ import pyproj
 import shapely
 import xarray as xr
 
+from pipeline.infer.store import open_tile_store
 from pipeline.lease import LEASE_FILE, LOCK_FILE, OutputLease
 from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
-from pipeline.mosaic.tiles import open_tile_store
 from pipeline.storage import exists, read_json, remove, store_path, write_json
 from pipeline.storage import join as join_url
 
@@ -135,7 +135,7 @@ def _tile_table(store: Any, mosaic_name: str, table_crs: str | None) -> pa.Table
     start, end = [*(prov.get("time") or []), None, None][:2]
     n = len(done)
     cols = {
-        "tile_id": [store.tile_ids[i] for i in done.tolist()],
+        "tile_id": done,
         "mosaic": [mosaic_name] * n,
         "row": store.origins[done, 0],
         "col": store.origins[done, 1],
@@ -151,7 +151,7 @@ def _tile_table(store: Any, mosaic_name: str, table_crs: str | None) -> pa.Table
 
 
 def _col_type(name: str) -> pa.DataType:
-    return pa.int64() if name in ("row", "col") else pa.string()
+    return pa.int64() if name in ("tile_id", "row", "col") else pa.string()
 
 
 def _geo_metadata(table: pa.Table, crs: str) -> dict[bytes, bytes]:
@@ -197,7 +197,7 @@ def source_fingerprint(mosaic: xr.Dataset, store: Any) -> str:
 
     Args:
         mosaic: the opened mosaic (only its ``blend`` attribute counts: the pixels follow from the tiles).
-        store: its opened tile store (:func:`pipeline.mosaic.tiles.open_tile_store`).
+        store: its opened tile store (:func:`pipeline.infer.store.open_tile_store`).
     """
     done = store.done
     pooled = np.ascontiguousarray(np.asarray(store.group["pooled"][:], dtype=np.float32)[done])
@@ -206,7 +206,7 @@ def source_fingerprint(mosaic: xr.Dataset, store: Any) -> str:
         "tiling": [store.kind, list(store.channels), store.tile_size, store.overlap, store.margin],
         "context_radius": store.context_radius,
         "provenance": store.provenance,
-        "tiles": [[store.tile_ids[i], *(int(v) for v in store.origins[i])] for i in done.tolist()],
+        "tiles": [[i, *(int(v) for v in store.origins[i])] for i in done.tolist()],
         "pooled_sha256": hashlib.sha256(pooled.tobytes()).hexdigest(),
         "blend": mosaic.attrs.get("blend"),
     }

@@ -28,10 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--classes", action="store_true", help="write the uint8 class map (segmentation / change)")
     s.set_defaults(func=_cog)
 
-    s = sub.add_parser("quicklook", help="PNG quicklook (PCA RGB, class palette or similarity ramp)")
+    s = sub.add_parser("quicklook", help="PNG quicklook (PCA RGB, class palette with legend, or a colour ramp)")
     s.add_argument("mosaic", help="mosaic.zarr or a single-band GeoTIFF")
     s.add_argument("--out", required=True, help="output .png")
-    s.add_argument("--kind", choices=["embeddings", "segmentation", "change", "similarity"])
+    s.add_argument("--style", choices=["pca", "classes", "ramp"], help="default: from the mosaic's product")
     s.add_argument("--max-size", type=int, default=1024, help="long side in pixels (default: %(default)s)")
     s.set_defaults(func=_quicklook)
 
@@ -44,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("tiles")
     s.add_argument("--out", required=True, help="archive folder (replaced if it exists)")
     s.add_argument("--float", action="store_true", help="store float32 instead of int8")
+    s.add_argument("--break-lease", action="store_true", help="take over from a writer known to be dead")
     s.set_defaults(func=_build)
 
     s = asub.add_parser("append", help="add a mosaic of the same model and preprocessing to an archive")
@@ -51,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("mosaic")
     s.add_argument("tiles")
     s.add_argument("--name", help="mosaic name inside the archive (default: the next number)")
+    s.add_argument("--break-lease", action="store_true", help="take over from a writer known to be dead")
     s.set_defaults(func=_append)
 
     s = asub.add_parser("query", help="cosine-similarity map (COG + PNG) to a query point or vector")
@@ -82,21 +84,21 @@ def _cog(args: argparse.Namespace) -> int:
 def _quicklook(args: argparse.Namespace) -> int:
     from pipeline.mosaic.quicklook import quicklook
 
-    print(quicklook(args.mosaic, args.out, args.kind, max_size=args.max_size))
+    print(quicklook(args.mosaic, args.out, args.style, max_size=args.max_size))
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
     from pipeline.mosaic.archive import build_archive
 
-    print(build_archive(args.mosaic, args.tiles, args.out, quantize=not args.float))
+    print(build_archive(args.mosaic, args.tiles, args.out, quantize=not args.float, break_lease=args.break_lease))
     return 0
 
 
 def _append(args: argparse.Namespace) -> int:
     from pipeline.mosaic.archive import append_to_archive
 
-    print(append_to_archive(args.archive, args.mosaic, args.tiles, name=args.name))
+    print(append_to_archive(args.archive, args.mosaic, args.tiles, name=args.name, break_lease=args.break_lease))
     return 0
 
 

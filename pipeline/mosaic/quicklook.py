@@ -1,4 +1,4 @@
-"""PNG quicklooks of mosaics: PCA-RGB embeddings, palette class maps, colour-ramped similarity maps.
+"""PNG quicklooks of mosaics: PCA-RGB embeddings, palette class maps with a legend, colour-ramped scalar maps.
 
 Everything is decimated to at most ``max_size`` pixels on the long side *before* computing (strided selection of
 the lazy mosaic), and the PCA of embeddings is fitted on a random sample of valid pixels, so quicklooks of mosaics
@@ -16,34 +16,16 @@ import rioxarray
 import xarray as xr
 from PIL import Image
 
-from pipeline.mosaic.stitch import CLASS_KINDS, CLASS_NODATA, MOSAIC_VAR, open_mosaic
+from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
+from pipeline.palette import CLASS_NODATA, PALETTE, hex_to_rgb, palette_for
 
-# Fixed class palette: 20 distinct colours (tab20 order), then golden-ratio hues for classes 20..254.
-_TAB20 = [
-    "1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f", "bcbd22", "17becf",
-    "aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5", "c49c94", "f7b6d2", "c7c7c7", "dbdb8d", "9edae5",
-]  # fmt: skip
 # Viridis, sampled at 9 evenly spaced points; linear interpolation in between.
 _VIRIDIS = ["440154", "472d7b", "3b528b", "2c728e", "21918c", "28ae80", "5ec962", "addc30", "fde725"]
+RAMP = np.stack([np.interp(np.linspace(0, 8, 256), np.arange(9), c) for c in hex_to_rgb(_VIRIDIS).T], 1).astype(
+    np.uint8
+)
 
-
-def _hex(colours: list[str]) -> np.ndarray:
-    return np.array([[int(c[i : i + 2], 16) for i in (0, 2, 4)] for c in colours], dtype=np.float64)
-
-
-def _palette() -> np.ndarray:
-    """``(256, 3)`` uint8 class colours; index 255 (no data) is black (and transparent in PNGs)."""
-    hues = (np.arange(20, 256) * 0.618033988749895) % 1.0
-    sat, val = 0.65, 0.9
-    k = (np.array([5, 3, 1])[None] + hues[:, None] * 6) % 6  # HSV -> RGB, vectorised
-    rgb = val - val * sat * np.clip(np.minimum(k, 4 - k), 0, 1)
-    out = np.vstack([_hex(_TAB20), rgb * 255])
-    out[CLASS_NODATA] = 0
-    return np.round(out).astype(np.uint8)
-
-
-PALETTE = _palette()
-RAMP = np.stack([np.interp(np.linspace(0, 8, 256), np.arange(9), c) for c in _hex(_VIRIDIS).T], 1).astype(np.uint8)
+__all__ = ["PALETTE", "RAMP", "colour_classes", "colour_ramp", "pca_rgb", "quicklook", "save_png", "with_legend"]
 
 
 def _rgba(rgb_HW3: np.ndarray, mask_HW: np.ndarray) -> np.ndarray:
@@ -63,10 +45,35 @@ def _stretch(values: np.ndarray, mask: np.ndarray, lo_pct: float = 2, hi_pct: fl
     return np.clip((values - lo) / np.where(hi > lo, hi - lo, 1.0), 0, 1)
 
 
-def colour_classes(classes_HW: np.ndarray, nodata: int = CLASS_NODATA) -> np.ndarray:
-    """``(H, W, 4)`` RGBA of a uint8 class map with the fixed :data:`PALETTE`; ``nodata`` is transparent."""
+def colour_classes(classes_HW: np.ndarray, nodata: int = CLASS_NODATA, colors: list[str] | None = None) -> np.ndarray:
+    """``(H, W, 4)`` RGBA of a uint8 class map (``colors``, else the fixed :data:`PALETTE`); ``nodata`` clear."""
     classes = np.asarray(classes_HW).astype(np.uint8)
-    return _rgba(PALETTE[classes], classes != nodata)
+    return _rgba(palette_for(colors)[classes], classes != nodata)
+
+
+def with_legend(rgba_HW4: np.ndarray, names: list[str], colors: list[str] | None = None) -> np.ndarray:
+    """The picture with a legend (a colour swatch and the name of every class) on white below it.
+
+    The picture keeps its transparency (no data stays clear); the legend band is opaque.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    palette = palette_for(colors)
+    font = ImageFont.load_default()
+    row, pad = 16, 6
+    height, width = rgba_HW4.shape[:2]
+    text_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in names) + row + 3 * pad
+    cols = max(1, min(len(names), max(width, text_w) // text_w))
+    rows = -(-len(names) // cols)
+    canvas = Image.new("RGBA", (max(width, cols * text_w), height + rows * row + 2 * pad), (0, 0, 0, 0))
+    canvas.paste(Image.fromarray(rgba_HW4, mode="RGBA"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, height, canvas.width, canvas.height], fill=(255, 255, 255, 255))
+    for i, name in enumerate(names):
+        x, y = pad + (i % cols) * text_w, height + pad + (i // cols) * row
+        draw.rectangle([x, y + 2, x + row - 4, y + row - 2], fill=tuple(int(v) for v in palette[i]), outline="black")
+        draw.text((x + row, y + 2), name, fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def colour_ramp(values_HW: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
@@ -128,36 +135,46 @@ def save_png(rgba_HW4: np.ndarray, png_path: str) -> str:
 def _open(url: str) -> xr.Dataset:
     if url.lower().endswith((".tif", ".tiff")):  # e.g. a similarity map COG
         arr = rioxarray.open_rasterio(url, chunks={"band": 1, "y": 512, "x": 512}, masked=True)
-        return xr.Dataset({MOSAIC_VAR: arr}, attrs={"kind": "similarity" if arr.sizes["band"] == 1 else ""})
+        return xr.Dataset({MOSAIC_VAR: arr})
     return open_mosaic(url)
 
 
-def quicklook(mosaic_url: str, png_path: str, kind: str | None = None, *, max_size: int = 1024) -> str:
+STYLES = ("classes", "pca", "ramp")
+"""How a quicklook shows values: a class palette with a legend, PCA colours of many channels, a colour ramp."""
+
+
+def quicklook(mosaic_url: str, png_path: str, style: str | None = None, *, max_size: int = 1024) -> str:
     """Render a mosaic (or a single-band GeoTIFF) as a PNG of at most ``max_size`` pixels on the long side.
 
     Args:
         mosaic_url: a ``mosaic.zarr`` (or archive mosaic) or a GeoTIFF.
         png_path: output path or fsspec URL.
-        kind: ``embeddings`` (PCA RGB), ``segmentation`` / ``change`` (palette class map) or ``similarity``
-            (viridis ramp); default: the mosaic's ``kind`` attribute.
+        style: one of :data:`STYLES`; default from the mosaic's ``product`` attribute: ``classes`` for class
+            products (palette + legend), else ``pca`` for several channels and ``ramp`` for one.
 
     Returns:
         ``png_path``.
     """
     ds = decimate(_open(mosaic_url), max_size)
-    kind = kind or ds.attrs.get("kind")
     var = MOSAIC_VAR if MOSAIC_VAR in ds else "embedding"
-    if kind in CLASS_KINDS:
+    if style is None:
+        single = ds.sizes.get("band", 1) == 1
+        style = "classes" if ds.attrs.get("product") == "classes" else ("ramp" if single else "pca")
+    if style == "classes":
         if "classes" in ds:
             classes = ds["classes"].values
         else:
             v = ds[var].values
             classes = np.where(np.isnan(v).all(0), CLASS_NODATA, np.argmax(np.nan_to_num(v, nan=-np.inf), 0))
-        rgba = colour_classes(classes)
-    elif kind == "similarity":
+        colors = ds.attrs.get("class_colors")
+        rgba = colour_classes(classes, colors=colors)
+        names = ds.attrs.get("class_names")
+        if names:
+            rgba = with_legend(rgba, list(names), colors)
+    elif style == "ramp":
         arr = ds[var]
         rgba = colour_ramp((arr.isel(band=0) if "band" in arr.dims else arr).values)
-    elif kind == "embeddings":
+    elif style == "pca":
         data = ds[var]
         if "scale" in ds:  # an int8 archive mosaic
             from pipeline.mosaic.archive import dequantize
@@ -165,5 +182,5 @@ def quicklook(mosaic_url: str, png_path: str, kind: str | None = None, *, max_si
             data = dequantize(ds)
         rgba = pca_rgb(data, ds.get("valid"))
     else:
-        raise ValueError(f"unknown quicklook kind {kind!r} for {mosaic_url}")
+        raise ValueError(f"unknown quicklook style {style!r}; choose one of {list(STYLES)}")
     return save_png(rgba, png_path)

@@ -9,11 +9,14 @@ Mosaic layout (``mosaic.zarr``, opens with ``xr.open_zarr(url, decode_coords="al
     data     (band, y, x) float32   blended model output; ``band`` coordinate = the tile store's channel names;
                                     NaN where no done tile has a valid pixel
     valid    (y, x) uint8           1 where at least one done tile covered the pixel
-    classes  (y, x) uint8           segmentation / change only: argmax over ``band`` (255 = no data)
+    classes  (y, x) uint8           class products only (``product == "classes"`` in the tile store: segmentation,
+                                    change): argmax over ``band`` (255 = no data)
     x, y                            pixel-centre coordinates in the grid CRS (from the grid transform)
     spatial_ref                     CRS (``rio.write_crs``) and GeoTransform
-    attrs                           kind, channels, tile_size, overlap, margin, context_radius, blend, grid,
-                                    provenance, tiles_url, n_tiles
+    attrs                           kind, product, channels, class_names, class_colors, tile_size, overlap, margin,
+                                    context_radius, blend, grid, provenance, tiles_url, n_tiles
+
+What the channels mean comes from the tile store's ``product`` attribute, never from the kind's name.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import xarray as xr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from pipeline.infer.store import TileStore, open_tile_store
 from pipeline.mosaic.blend import accumulate, clip_window, normalise, open_sides, tile_weights
-from pipeline.mosaic.tiles import TileStore, open_tile_store, store_path
+from pipeline.palette import CLASS_NODATA
+from pipeline.storage import store_path
 
 log = logging.getLogger(__name__)
 
 MOSAIC_VAR = "data"
-CLASS_NODATA = 255
-CLASS_KINDS = ("segmentation", "change")
 _BLOCK_BYTES = 256 * 2**20  # float64 accumulator budget of one block task
 
 
@@ -160,12 +163,14 @@ def mosaic_dataset(store: TileStore, chunks: int = 512, *, blend: bool = True) -
         MOSAIC_VAR: (("band", "y", "x"), values, {"long_name": store.kind}),
         "valid": (("y", "x"), mask, {"long_name": "valid", "flag_values": [0, 1]}),
     }
-    if store.kind in CLASS_KINDS:
+    if store.product == "classes":
         variables["classes"] = (("y", "x"), class_map(values), {"long_name": "classes", "nodata": CLASS_NODATA})
     ds = xr.Dataset(variables, coords=coords)
     ds.attrs = {
         "kind": store.kind,
+        "product": store.product,
         "channels": store.channels,
+        **({"class_names": store.class_names, "class_colors": store.class_colors} if store.class_names else {}),
         "tile_size": store.tile_size,
         "overlap": store.overlap,
         "margin": store.margin,

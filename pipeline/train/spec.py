@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.model.config import MODEL_CONFIGS
+from pipeline.model.config import MODEL_CONFIGS, unknown_model_message
 from pipeline.ssl.regions import DEFAULT_NUM_REGIONS, check_num_regions, resolve_region
 
 
@@ -120,7 +120,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _known(cls, v: str) -> str:
         if v not in MODEL_CONFIGS:
-            raise ValueError(f"unknown model {v!r}; available: {sorted(MODEL_CONFIGS)}")
+            raise ValueError(unknown_model_message(v))
         return v
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -99,19 +98,6 @@ def context_attention(radius: int | None) -> Callable[[int, int], Attention]:
     if radius < 1:
         raise ValueError(f"context radius must be >= 1 token, got {radius}")
     return partial(LocalAttention, radius=radius)
-
-
-def with_context_radius(attn: Attention, radius: int | None) -> Attention:
-    """A global or local attention layer that shares ``attn``'s weights (for switching a built model)."""
-    if not isinstance(attn, Attention):
-        raise TypeError(f"cannot change the context of {type(attn).__name__}; only of Attention / LocalAttention")
-    dim = attn.qkv.in_features
-    with torch.device("meta"):  # no allocation, no RNG: the weights are attn's own
-        new = context_attention(radius)(dim, attn.num_heads, qkv_bias=attn.qkv.bias is not None)
-    new.attn_drop = attn.attn_drop
-    new.qkv, new.proj = attn.qkv, attn.proj
-    new.train(attn.training)
-    return new
 
 
 class Block(nn.Module):

@@ -1,0 +1,283 @@
+"""The stages of a job, each behind one protocol: where it writes, whether it is up to date, how it runs.
+
+``cube`` (build or resume the Zarr cube) -> ``inference`` (tiles on Ray actors) -> the stages the output kind
+declares (:meth:`pipeline.kinds.OutputKind.post_stages`): ``mosaic``, ``cog``, ``classes`` (class map with its colour
+table), ``archive`` (embeddings), ``quicklook``. A stage after inference is up to date when the finished tiles have
+not changed since it last ran and its outputs exist (:class:`pipeline.job.record.ResumeRecord`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pipeline import storage
+from pipeline.infer.params import InferenceParams
+from pipeline.infer.store import fingerprint, tiles_url
+from pipeline.job.record import ResumeRecord
+from pipeline.kinds import OutputKind
+from pipeline.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    """One stage of a run: ``done``, ``up-to-date``, ``partial`` or ``skipped`` (with the reason)."""
+
+    name: str
+    status: str
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+    problems: list[str] = field(default_factory=list)  # inputs that could not be read (a partial result)
+    failed: dict[int, str] = field(default_factory=dict)  # tiles that failed (inference)
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. area_km2, tiles_per_s
+
+
+@dataclass
+class JobContext:
+    """What every stage of one run may read: the job, its kind, where it writes, and run options."""
+
+    job: JobSpec
+    address: str | None = None
+    progress: bool = True
+    max_attempts: int = 3
+    break_lease: bool = False
+    record: ResumeRecord = field(init=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.record = ResumeRecord(self.output)
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the finished tiles (read once per run, after inference)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.output)
+        return self._fingerprint
+
+    @property
+    def kind(self) -> OutputKind:
+        """The job's output kind."""
+        return self.job.output.output_kind
+
+    @property
+    def output(self) -> str:
+        """The job's output folder."""
+        return self.job.output_path
+
+    def path(self, *parts: str) -> str:
+        """A path inside the output folder."""
+        return storage.join(self.output, *parts)
+
+    @property
+    def tiles(self) -> str:
+        """The tile store."""
+        return tiles_url(self.output)
+
+    @property
+    def mosaic(self) -> str:
+        """The stitched mosaic."""
+        return self.path("mosaic.zarr")
+
+
+class Stage:
+    """Base of the stages: ``outputs`` (where it writes), ``fresh`` (nothing to do), ``run``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def outputs(self) -> dict[str, str]:
+        """What the stage writes (label -> path or URL)."""
+        return {}
+
+    def fresh(self) -> bool:
+        """Whether the stage's outputs are up to date (then it does not run)."""
+        return False
+
+    def run(self) -> StageResult:
+        """Do the stage's work (resuming what an earlier run left) and say what happened."""
+        raise NotImplementedError
+
+    def up_to_date(self) -> StageResult:
+        """The result of a run that found the stage up to date."""
+        entry = self.ctx.record.get(self.name)
+        return StageResult(self.name, "up-to-date", 0.0, entry.get("outputs") or self.outputs())
+
+    def record_entry(self, result: StageResult) -> dict[str, Any]:
+        """The resume-record entry of a finished run of this stage."""
+        return {"status": result.status, "outputs": result.outputs, "seconds": round(result.seconds, 3)}
+
+
+class CubeStage(Stage):
+    """Build (or resume) the job's Zarr cube; a finished cube is not touched. Reports unreadable inputs."""
+
+    name = "cube"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"cube": self.ctx.job.cube.path}
+
+    def fresh(self) -> bool:  # noqa: D102
+        from pipeline.cube.layout import cube_state
+
+        return cube_state(self.ctx.job.cube.path, list(self.ctx.job.modalities)) == "complete"
+
+    def problems(self) -> list[str]:
+        """Unreadable inputs of the finished cube (raises when they are beyond the job's limits)."""
+        from pipeline.cube.health import check_health, cube_health
+        from pipeline.cube.layout import root_attrs
+
+        url = self.ctx.job.cube.path
+        if "fingerprints" not in (root_attrs(url) or {}):
+            return []  # not built by the cube stage: no record of what it read
+        health = cube_health(url, list(self.ctx.job.modalities))
+        return check_health(url, health, self.ctx.job.cube.max_failed_fraction)
+
+    def up_to_date(self) -> StageResult:
+        """The result of a run that found the cube finished."""
+        return StageResult(self.name, "up-to-date", 0.0, self.outputs(), problems=self.problems())
+
+    def run(self) -> StageResult:  # noqa: D102
+        from pipeline.cube.job import build_from_job
+
+        start = time.perf_counter()
+        report = build_from_job(self.ctx.job, progress=self.ctx.progress)
+        problems = self.problems()
+        detail = f"{len(problems)} input problem(s), see below" if problems else ""
+        return StageResult(self.name, "done", time.perf_counter() - start, {"cube": report.url}, detail, problems)
+
+
+class InferenceStage(Stage):
+    """Run (or resume) the model over the job's tiles on Ray actors."""
+
+    name = "inference"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"tiles": self.ctx.tiles}
+
+    def run(self) -> StageResult:  # noqa: D102
+        from pipeline.infer.runner import run_inference
+
+        params = InferenceParams.from_job(self.ctx.job, max_attempts=self.ctx.max_attempts)
+        r = run_inference(params, address=self.ctx.address, progress=self.ctx.progress)
+        self.ctx._fingerprint = None  # the finished tiles may have changed
+        detail = (
+            f"{r.total} tiles: {r.done} done, {r.skipped} skipped (all nodata), {len(r.failed)} failed, "
+            f"{r.pending} pending; {r.computed} computed now ({r.tiles_per_s:.2f} tiles/s), {r.resumed} from earlier "
+            "runs"
+        )
+        status = "done" if r.computed else "up-to-date"
+        metrics = {"area_km2": r.area_km2, "tiles_per_s": r.tiles_per_s}
+        result = StageResult(self.name, status, r.seconds, {"tiles": r.tiles_url}, detail, failed=dict(r.failed),
+                             metrics=metrics)  # fmt: skip
+        if r.total and r.skipped == r.total:
+            from pipeline.errors import InputsUnreadableError
+
+            raise InputsUnreadableError(
+                f"every one of the {r.total} tiles has no valid input pixel (all nodata or masked) for the job's "
+                f"time range and modalities {list(self.ctx.job.modalities)}; check the dates (cloud cover?) and the "
+                "region, or run `skypipe cube info` on the cube"
+            )
+        return result
+
+
+class PostStage(Stage):
+    """A stage after inference: up to date while the finished tiles have not changed and its outputs exist."""
+
+    def fresh(self) -> bool:  # noqa: D102
+        return self.ctx.record.fresh(self.name, self.ctx.fingerprint)
+
+    def record_entry(self, result: StageResult) -> dict[str, Any]:  # noqa: D102
+        return {**super().record_entry(result), "fingerprint": self.ctx.fingerprint}
+
+    def run(self) -> StageResult:  # noqa: D102
+        start = time.perf_counter()
+        outputs = self.write()
+        return StageResult(self.name, "done", time.perf_counter() - start, outputs)
+
+    def write(self) -> dict[str, str]:
+        """Write the stage's outputs; returns them."""
+        raise NotImplementedError
+
+
+class MosaicStage(PostStage):
+    """Blend the done tiles into a seamless Zarr mosaic with Dask."""
+
+    name = "mosaic"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"mosaic": self.ctx.mosaic}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.stitch import stitch_tiles
+
+        return {"mosaic": stitch_tiles(self.ctx.tiles, self.ctx.mosaic)}
+
+
+class CogStage(PostStage):
+    """The mosaic's channels as a Cloud-Optimised GeoTIFF named after the kind."""
+
+    name = "cog"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"cog": self.ctx.path(f"{self.ctx.kind.name}.tif")}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.cog import write_cog
+
+        return {"cog": write_cog(self.ctx.mosaic, self.outputs()["cog"])}
+
+
+class ClassMapStage(PostStage):
+    """The class map of a class-score mosaic as a COG with class names and a colour table."""
+
+    name = "classes"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"classes_cog": self.ctx.path("classes.tif")}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.cog import write_cog
+
+        return {"classes_cog": write_cog(self.ctx.mosaic, self.outputs()["classes_cog"], variable="classes")}
+
+
+class ArchiveStage(PostStage):
+    """An int8 embedding archive (mosaic + per-tile vectors) users can query."""
+
+    name = "archive"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"archive": self.ctx.path("archive")}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.archive import build_archive
+
+        archive = build_archive(
+            self.ctx.mosaic, self.ctx.tiles, self.outputs()["archive"], break_lease=self.ctx.break_lease
+        )
+        return {"archive": archive}
+
+
+class QuicklookStage(PostStage):
+    """A PNG picture of the mosaic (PCA colours, or the class palette with a legend)."""
+
+    name = "quicklook"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"quicklook": self.ctx.path("quicklook.png")}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.quicklook import quicklook
+
+        return {"quicklook": quicklook(self.ctx.mosaic, self.outputs()["quicklook"])}
+
+
+def job_stages(ctx: JobContext) -> list[Stage]:
+    """Every stage of the job, in order."""
+    return [CubeStage(ctx), InferenceStage(ctx), *(cls(ctx) for cls in ctx.kind.post_stages())]
