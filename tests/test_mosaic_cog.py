@@ -3,6 +3,7 @@ or failed write keeps the previous COG and its leftovers are removed by the next
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -75,6 +76,18 @@ def test_segmentation_class_cog(mosaics):
     covered = classes != CLASS_NODATA
     assert not covered.all()
     np.testing.assert_array_equal(classes[covered], mosaics["logits"].argmax(0)[covered])
+    # opens coloured and labelled: a colour table, class names in the tags and the QGIS / GDAL sidecars
+    names = ["water", "forest", "urban"]
+    assert json.loads(info["tags"]["class_names"]) == names
+    colors = json.loads(info["tags"]["class_colors"])
+    with rasterio.open(path) as src:
+        cmap = src.colormap(1)
+    for i, colour in enumerate(colors):
+        assert "#{:02x}{:02x}{:02x}".format(*cmap[i][:3]) == colour and cmap[i][3] == 255
+    assert cmap[CLASS_NODATA][3] == 0
+    qml = (mosaics["root"] / "classes.qml").read_text()
+    assert all(f'label="{n}"' in qml for n in names) and f'color="{colors[1]}"' in qml
+    assert "<Category>forest</Category>" in (mosaics["root"] / "classes.tif.aux.xml").read_text()
     probs = cog_info(write_cog(mosaics["seg_url"], str(mosaics["root"] / "logits.tif")))
     assert probs["valid"] and probs["descriptions"] == ["water", "forest", "urban"]
 

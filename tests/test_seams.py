@@ -74,3 +74,18 @@ def test_tiled_mosaic_matches_one_untiled_run(cube, tmp_path, radius, seamless):
         assert ratios == pytest.approx([1, 1], abs=0.05)  # tile borders no more visible than in the untiled map
     else:
         assert diff.mean() > 0.05  # global attention: every pixel carries its tile's context
+
+
+def test_tiles_past_the_grid_edge_see_the_edge_not_padding(tmp_path):
+    """A 100 px grid: the last tiles start at 40 (window-aligned) and stick out by 4 px. They are cut to the grid, so
+    the mosaic's far edges equal one untiled run there too (no band of made-up zero pixels along the edges)."""
+    cube = write_cube(tmp_path / "cube.zarr", size=(100, 100), nodata_corner=0)
+    tiled, origins = _mosaic(cube, tmp_path / "tiled", 64, 32, 16, 8)
+    assert {tuple(o) for o in origins} >= {(40, 40), (0, 40), (40, 0)}  # 40 + 64 = 104 > 100
+    untiled, _ = _mosaic(cube, tmp_path / "untiled", 104, 0, 0, 8)  # one tile, cut to the 100 px grid as well
+    assert tiled.shape[-2:] == (100, 100) and np.isfinite(tiled).all()
+    diff = np.abs(tiled - untiled) / float(untiled.std())
+    assert diff.mean() < 1e-3 and diff.max() < 0.1
+    edge = np.zeros((100, 100), bool)
+    edge[-8:, :] = edge[:, -8:] = True
+    assert diff[:, edge].mean() < 1e-3  # the far-edge band is as faithful as the interior

@@ -18,6 +18,7 @@ actor has started after ``start_timeout`` seconds (no node can host the requeste
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class ActorCrashLoopError(RunFailedError):
     """Actors keep dying before they finish any batch (most often: out of memory)."""
+
+
+class ActorStartError(RunFailedError):
+    """An inference actor failed in its constructor (e.g. it cannot read the cube or the checkpoint on its node)."""
 
 
 class ActorStartTimeoutError(RunFailedError):
@@ -170,7 +175,7 @@ class ActorPool:
         except ray.exceptions.RayActorError as err:
             slot.init_failures += 1
             if slot.init_failures >= 2:
-                raise RuntimeError(f"inference actor could not start twice in a row: {err}") from None
+                raise ActorStartError(f"an inference actor could not start twice in a row: {cause_line(err)}") from None
             log.warning("actor is dead or could not start (%s); replacing it", first_line(err))
             self._replace(slot)
             return
@@ -242,6 +247,13 @@ class ActorPool:
 
         for slot in self.slots:
             ray.kill(slot.handle, no_restart=True)
+
+
+def cause_line(err: BaseException) -> str:
+    """The line naming the exception inside a Ray error's text (its traceback ends with it), for display only."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+    return (named[-1] if named else first_line(err))[:300]
 
 
 def first_line(err: BaseException) -> str:

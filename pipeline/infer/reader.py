@@ -254,6 +254,13 @@ class CubeReader:
         if not periods:
             raise ValueError("at least one time period is needed")
         self.cube_url = cube_url
+        present = layout.cube_modalities(cube_url)
+        absent = [m for m in specs if m not in present]
+        if absent:
+            raise ValueError(
+                f"{cube_url} has no {absent} group (it has {present}); build the cube with these modalities "
+                "(skypipe cube build) or drop them from the job's modalities"
+            )
         if grid_shape is None:
             grid = output_grid(cube_url, list(specs))
             grid_shape = (grid.height, grid.width)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipeline.infer.actor import FAULT_ENV, InferenceWorker, parse_faults
 from pipeline.infer.params import InferenceParams
 from pipeline.infer.pool import ActorPool
-from pipeline.infer.reader import OutputGrid, output_grid
+from pipeline.infer.reader import CubeReader, OutputGrid, output_grid
 from pipeline.infer.store import FINISHED, TileManifest, counts, open_or_create_store, tiles_url
 from pipeline.infer.task import ResolvedTask, resolve_task
 from pipeline.infer.tiling import Tile, locality_order, origins_array, padding, plan_tiles
@@ -130,6 +130,10 @@ def prepare_store(params: InferenceParams) -> StorePlan:
     """
     task = resolve_task(params.checkpoint, params.kind, params.num_classes, params.class_names)
     grid = output_grid(params.cube_url, params.modalities)
+    # Fail here, in the driver, on a cube that does not fit the model (bands) or the job (no date in a period):
+    # the actors would otherwise each fail to start with the same error.
+    specs = {m: task.config.modality(m) for m in params.modalities}
+    CubeReader(params.cube_url, specs, params.periods, cache_bytes=0, grid_shape=(grid.height, grid.width))
     align = task.config.window_size if params.context_radius is not None else 1
     tiles = plan_tiles(grid.height, grid.width, params.tile_size, params.overlap, align)
     periods = [list(p) for p in params.periods]

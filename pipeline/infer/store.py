@@ -100,11 +100,12 @@ def open_or_create_store(url: str, attrs: Mapping[str, Any], origins: np.ndarray
         stored, wanted = _identity(group.attrs.asdict()), _identity(attrs)
         diff = [k for k in wanted if stored.get(k) != wanted[k]]
         if diff:
-            lines = [f"  {k}: stored {_short(stored.get(k))}, this job {_short(wanted[k])}" for k in diff]
+            for k in diff:
+                log.info("%s: %s stored %s, this job %s", url, k, _short(stored.get(k)), _short(wanted[k]))
+            names = ", ".join(k.removeprefix("provenance.") for k in diff)
             raise TileStoreMismatchError(
-                f"{url} holds tiles of a different job; refusing to mix outputs:\n"
-                + "\n".join(lines)
-                + "\nChoose another output.path, or delete the old outputs to recompute them."
+                f"{url} holds tiles of a different job ({names} differ); refusing to mix outputs.\n"
+                "Choose another output.path, or delete the old outputs to recompute them."
             )
     else:
         group = zarr.open_group(storage.store_path(url), mode="a", zarr_format=3)

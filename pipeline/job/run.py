@@ -124,6 +124,7 @@ def _run_stage(stage: Stage, ctx: JobContext, lease: OutputLease) -> StageResult
     if stage.fresh():
         return stage.up_to_date()
     result = stage.run()
-    lease.check()  # a run whose lease was taken over (it was thought dead) must not record its work
-    ctx.record.save(stage.name, **stage.record_entry(result))
+    if result.status != "up-to-date":  # nothing new: the record stays as it was
+        lease.check()  # a run whose lease was taken over (it was thought dead) must not record its work
+        ctx.record.save(stage.name, **stage.record_entry(result))
     return result

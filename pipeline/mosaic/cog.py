@@ -42,7 +42,9 @@ from rasterio.shutil import copy as rio_copy
 from rasterio.windows import Window
 
 from pipeline.lease import node_tag, process_alive
-from pipeline.mosaic.stitch import CLASS_NODATA, MOSAIC_VAR, open_mosaic
+from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
+from pipeline.mosaic.style import write_class_style
+from pipeline.palette import CLASS_NODATA, default_colors, palette_for
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ def dataarray_to_cog(
     resampling: str = "average",
     tags: dict[str, str] | None = None,
     blocksize: int = 512,
+    colormap: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> str:
     """Write a georeferenced ``(band, y, x)`` or ``(y, x)`` DataArray (NumPy or Dask) as a COG with overviews.
 
@@ -74,6 +77,7 @@ def dataarray_to_cog(
         resampling: overview resampling (``average`` for continuous values, ``nearest``/``mode`` for classes).
         tags: dataset metadata tags.
         blocksize: COG block side.
+        colormap: colour table of a single-band uint8 class map (value -> RGBA): GIS tools show it coloured.
 
     Returns:
         ``cog_path``.
@@ -101,7 +105,8 @@ def dataarray_to_cog(
     )  # fmt: skip
     with tempfile.TemporaryDirectory(dir=work_dir, prefix=_work_prefix()) as tmp, env:
         raw = os.path.join(tmp, "raw.tif")
-        _write_raw(arr, raw, blocksize=blocksize, nodata=nodata, descriptions=descriptions, tags=tags or {})
+        _write_raw(arr, raw, blocksize=blocksize, nodata=nodata, descriptions=descriptions, tags=tags or {},
+                   colormap=colormap)  # fmt: skip
         with rasterio.open(raw, "r+") as dst:
             dst.build_overviews(overview_factors(arr.shape[1], arr.shape[2], blocksize), Resampling[resampling])
             dst.update_tags(ns="rio_overview", resampling=resampling)
@@ -186,8 +191,9 @@ def _grid_transform(arr: xr.DataArray) -> Affine:
 
 
 def _write_raw(
-    arr: xr.DataArray, raw: str, *, blocksize: int, nodata: float | None, descriptions: list[str] | None, tags: dict
-) -> None:
+    arr: xr.DataArray, raw: str, *, blocksize: int, nodata: float | None, descriptions: list[str] | None, tags: dict,
+    colormap: dict[int, tuple[int, int, int, int]] | None = None,
+) -> None:  # fmt: skip
     """Stream a ``(band, y, x)`` array block by block into a tiled, band-interleaved GeoTIFF.
 
     Blocks are computed in batches with ``dask.compute`` (any scheduler, including ``distributed``) and written
@@ -208,6 +214,8 @@ def _write_raw(
         for i, text in enumerate(descriptions or []):
             dst.set_band_description(i + 1, text)
         dst.update_tags(**tags)
+        if colormap:
+            dst.write_colormap(1, colormap)
         for b in range(0, len(keys), per_batch):
             batch = keys[b : b + per_batch]
             for key, block in zip(batch, dask.compute(*(data.blocks[k] for k in batch))):
@@ -239,10 +247,18 @@ def write_cog(
     arr = ds[variable]
     tags = {"kind": str(ds.attrs.get("kind", "")), "provenance": json.dumps(ds.attrs.get("provenance", {}))}
     if variable == "classes":
-        return dataarray_to_cog(
+        names = list(ds.attrs.get("class_names") or [str(b) for b in ds["band"].values])
+        colors = list(ds.attrs.get("class_colors") or default_colors(len(names)))
+        tags.update(class_names=json.dumps(names), class_colors=json.dumps(colors))
+        palette = palette_for(colors)
+        colormap = {i: (*(int(v) for v in palette[i]), 255) for i in range(len(names))}
+        colormap[CLASS_NODATA] = (0, 0, 0, 0)
+        dataarray_to_cog(
             arr, cog_path, descriptions=["classes"], nodata=CLASS_NODATA, resampling="mode", tags=tags,
-            blocksize=blocksize,
+            blocksize=blocksize, colormap=colormap,
         )  # fmt: skip
+        write_class_style(cog_path, names, colors)
+        return cog_path
     if bands is not None:
         unknown = sorted(set(bands) - {str(b) for b in arr["band"].values})
         if unknown:
