@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name
 
+from pipeline.catalog.recipe import shared_data_dir
 from pipeline.model import ModalityInput, create_model
 from pipeline.ssl import MultiViewAugment, SSLMetaArch, param_groups
 from pipeline.train.data import (
@@ -32,7 +33,7 @@ from pipeline.train.data import (
 )
 from pipeline.train.sources import ImageFolderSource
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 
 
 def build(name: str, overrides: dict, ssl: dict, augment: dict) -> tuple[SSLMetaArch, torch.optim.Optimizer]:

@@ -11,18 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from shared_data import require
 
 from pipeline.catalog.index import build_local_catalog
-from pipeline.catalog.recipe import shared_data_dir
 from pipeline.catalog.serve import LocalStacServer
 
 
 def require_shared_data() -> Path:
     """The shared data folder, or skip the test when it is absent."""
-    root = shared_data_dir()
-    if not root.is_dir():
-        pytest.skip(f"shared sample data not found at {root} (set SKYPIPE_SHARED_DATA)")
-    return root
+    return require()
 
 
 @pytest.fixture(scope="session")

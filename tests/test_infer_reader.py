@@ -63,9 +63,12 @@ def test_nodata_corner_and_padding(cube: str) -> None:
     corner = reader.read(Tile(0, 40, 40, 24))  # inside the 24 px nodata corner
     assert corner.all_nodata
     assert (corner.periods[0]["s2"].x == 0).all()  # NaN zero-filled, marked invalid
-    big = reader.read(Tile(0, 0, 0, 80))  # grid smaller than the tile: padded
-    assert big.periods[0]["s2"].x.shape[-2:] == (80, 80)
+    big = reader.read(Tile(0, 0, 0, 80))  # grid smaller than the tile: the model sees only the grid, no padding
+    assert big.extent == (64, 64) and big.periods[0]["s2"].x.shape[-2:] == (64, 64)
+    assert big.valid.shape == (80, 80)
     assert not big.valid[64:].any() and not big.valid[:, 64:].any() and big.valid[:40, :40].all()
+    edge = reader.read(Tile(0, 48, 40, 24))  # sticks out past the bottom edge only
+    assert edge.extent == (16, 24) and edge.periods[0]["s2"].valid.shape[-2:] == (16, 24)
 
 
 def test_band_mismatch_is_explained(cube: str) -> None:

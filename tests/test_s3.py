@@ -8,7 +8,6 @@ endpoint and credentials from the environment, and must give the same tiles as t
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import xarray as xr
 import yaml
 import zarr
 from infer_fixtures import SCENES, write_checkpoint, write_cube, write_job
+from s3_server import moto_s3
 
 pytest.importorskip("ray")
 s3fs = pytest.importorskip("s3fs")
@@ -36,34 +36,10 @@ pytestmark = [
 BUCKET = "skypipe-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3() -> Iterator[s3fs.S3FileSystem]:
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    }  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir(BUCKET)
+    with moto_s3(BUCKET) as fs:
         yield fs
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def _job(tmp_path: Path, cube: str, out: str, ckpt: str) -> Path:

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import shared_path
 
 from pipeline.modalities import get_modality
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_path()
 SCENES = DATA / "eolearn_slovenia" / "reference_scenes"
 pytestmark = pytest.mark.skipif(not SCENES.is_dir(), reason="needs ../shared/data")
 CLOUDY = (1, 2)  # 2015-07-31 and 2015-08-20 are fully cloudy (README)

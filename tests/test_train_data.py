@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import needs_shared, shared_path
 
 from pipeline.modalities import get_modality
 from pipeline.train.data import (
@@ -19,8 +20,8 @@ from pipeline.train.data import (
     to_model_inputs,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "rsscn7").is_dir(), reason="needs ../shared/data")
+DATA = shared_path()
+needs_data = needs_shared("rsscn7")
 
 
 def test_sampler_is_a_pure_function_of_position() -> None:

@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from shared_data import needs_shared, shared_path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_path()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DATA / "rsscn7").is_dir(), reason="needs ../shared/data"),
+    needs_shared("rsscn7"),
 ]
 
 MICRO = {"dims": [32, 32, 64, 64], "depths": [1, 1, 1, 1], "moe_blocks": 1, "num_experts": 4, "fusion_dim": 64,

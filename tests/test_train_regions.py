@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import shared_path
 from test_train_cube import SCENES, write_cube
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_path()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (SCENES.is_dir() and (DATA / "rsscn7").is_dir()), reason="needs ../shared/data"),

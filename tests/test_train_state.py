@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import needs_shared, shared_path
 
 from pipeline.model import create_model
 from pipeline.model.checkpoint import load_checkpoint
@@ -81,11 +82,11 @@ def test_save_load_restore_prune_export(tmp_path: Path, storage: str) -> None:
             export_model(path, out, which="ema")
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_path()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "rsscn7").is_dir(), reason="needs ../shared/data")
+@needs_shared("rsscn7")
 def test_run_loop_resume_is_exact_with_a_modality_first_seen_after_resume(tmp_path: Path) -> None:
     """Single process: HR batches until the checkpoint, then S1+S2 batches whose tokenizers have no AdamW state."""
     from pipeline.train.loop import run_loop
