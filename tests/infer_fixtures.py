@@ -22,7 +22,7 @@ import xarray as xr
 import yaml
 import zarr
 from affine import Affine
-from shared_data import shared_path
+from shared_data import require, shared_path
 
 from pipeline.modalities import HR, S2
 from pipeline.model import create_model
@@ -38,7 +38,8 @@ HR_RATIO = 4
 
 
 def load_s2(size: tuple[int, int]) -> np.ndarray:
-    """(T, 10, H, W) float32 L1C reflectance x 10000 in the model's S2 band order."""
+    """(T, 10, H, W) float32 L1C reflectance x 10000 in the model's S2 band order (skips without the data)."""
+    require("eolearn_slovenia/reference_scenes")
     out = []
     for d in DATES:
         with rasterio.open(SCENES / f"S2L1C_{d.replace('-', '')}.tif") as src:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from shared_data import shared_path
+from shared_data import require, shared_path
 
 from pipeline.infer.store import TileManifest, open_or_create_store, tiles_url, write_tile
 from pipeline.kinds import get_kind
@@ -31,6 +31,7 @@ PROVENANCE = {
 
 def load_s2_chip() -> tuple[np.ndarray, str, tuple[float, ...]]:
     """``(13, 101, 100)`` float32 reflectances, the CRS WKT and the 6 GDAL-affine coefficients of the chip."""
+    require("eolearn_slovenia/reference_scenes/S2L1C_20150711.tif")
     with rasterio.open(S2_CHIP) as src:
         return src.read().astype(np.float32), src.crs.to_wkt(), tuple(src.transform)[:6]
 

@@ -19,19 +19,20 @@ def shared_path(relative: str = "") -> Path:
 
 
 def has_shared(relative: str = "") -> bool:
-    """Whether ``relative`` exists in the shared data folder."""
-    return shared_path(relative).exists()
+    """Whether ``relative`` exists in the shared data folder (for the folder itself: whether it holds the data,
+    judged by its README, so an empty folder counts as absent)."""
+    path = shared_path(relative)
+    return (path if relative else path / "README.md").exists()
 
 
 def require(relative: str = "") -> Path:
     """The path of ``relative`` in the shared data, or skip the calling test (with where it looked)."""
     path = shared_path(relative)
-    if not path.exists():
+    if not has_shared(relative):
         pytest.skip(f"shared sample data not found at {path} (set SKYPIPE_SHARED_DATA)")
     return path
 
 
 def needs_shared(relative: str = "") -> pytest.MarkDecorator:
     """A ``skipif`` marker for tests (or modules) that need ``relative`` from the shared data."""
-    path = shared_path(relative)
-    return pytest.mark.skipif(not path.exists(), reason=f"shared sample data not found at {path}")
+    return pytest.mark.skipif(not has_shared(relative), reason=f"shared sample data not found at {shared_path()}")

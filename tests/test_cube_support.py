@@ -75,6 +75,7 @@ def make_item(assets: dict[str, str | Path], item_id: str, when: dt.datetime) ->
 
 
 def s1f_items() -> dict[str, list[pystac.Item]]:
+    require("sen1floods11")
     return {
         "s2": [make_item({"toa": S1F / "S2Hand/Spain_7370579_S2Hand.tif"}, "s1f-s2", utc(2019, 9, 18, 10, 50))],
         "s1": [make_item({"sar": S1F / "S1Hand/Spain_7370579_S1Hand.tif"}, "s1f-s1", utc(2019, 9, 17, 18, 0))],
@@ -95,6 +96,7 @@ def s1f_sources() -> dict[str, Source]:
 
 
 def slovenia_items() -> list[pystac.Item]:
+    require("eolearn_slovenia")
     items = []
     for p in sorted((SLOVENIA / "reference_scenes").glob("S2L1C_*.tif")):
         with rasterio.open(p) as src:
