@@ -10,6 +10,9 @@ the set of finished tiles changed since they last ran. Outputs of a job, under `
     tiles.zarr, manifest/tiles/      inference tile store and per-tile records (pipeline.infer.store)
     mosaic.zarr                      stitched, blended output grid
     <kind>.tif, classes.tif          COG of the mosaic (and of the class map for class outputs)
+    areas.csv, areas.json            area per class (class outputs; also printed in the summary)
+    polygons.parquet                 class polygons, GeoParquet (class outputs)
+    tile_labels.parquet              one label per tile, GeoParquet (classification)
     archive/                         embedding archive (embeddings only)
     quicklook.png                    picture of the mosaic
     stages.json                      the resume record
@@ -64,11 +67,15 @@ class RunSummary:
         return EXIT_PARTIAL if (self.failed or self.problems) else EXIT_OK
 
     def format(self) -> str:
-        """Human summary: area, tiles, rates, time per stage, output paths, then what could not be read."""
+        """Human summary: area, tiles, rates, time per stage, outputs and lines of the stages, then what failed.
+
+        Stages add their own lines (:attr:`StageResult.summary`: e.g. the area per class of a class map).
+        """
         lines = [f"job {self.job}: {self.area_km2:.2f} km2"]
         for s in self.stages:
             lines.append(f"  {s.name:<10} {s.status:<12} {s.seconds:8.1f} s  {s.detail}".rstrip())
             lines.extend(f"  {'':<10} {k:<12} {v}" for k, v in s.outputs.items())
+            lines.extend(f"  {'':<10} {line}" for line in s.summary)
         if self.failed:
             lines.append(f"FAILED tiles ({len(self.failed)}):")
             lines.extend(f"  tile {t}: {e}" for t, e in sorted(self.failed.items()))

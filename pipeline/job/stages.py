@@ -2,8 +2,11 @@
 
 ``cube`` (build or resume the Zarr cube) -> ``inference`` (tiles on Ray actors) -> the stages the output kind
 declares (:meth:`pipeline.kinds.OutputKind.post_stages`): ``mosaic``, ``cog``, ``classes`` (class map with its colour
-table), ``archive`` (embeddings), ``quicklook``. A stage after inference is up to date when the finished tiles have
-not changed since it last ran and its outputs exist (:class:`pipeline.job.record.ResumeRecord`).
+table), ``archive`` (embeddings), ``quicklook``, and for class products ``areas`` (km2 per class), ``polygons``
+(class polygons as GeoParquet) and ``tile_labels`` (one label per tile, classification). A stage after inference is
+up to date when the finished tiles have not changed since it last ran and its outputs exist
+(:class:`pipeline.job.record.ResumeRecord`). The writing itself lives in :mod:`pipeline.mosaic`; a stage only says
+where, and which lines it adds to the run's summary (:meth:`PostStage.summary`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class StageResult:
     problems: list[str] = field(default_factory=list)  # inputs that could not be read (a partial result)
     failed: dict[int, str] = field(default_factory=dict)  # tiles that failed (inference)
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. area_km2, tiles_per_s
+    summary: list[str] = field(default_factory=list)  # lines for the run summary (e.g. the area per class)
 
 
 @dataclass
@@ -198,11 +202,20 @@ class PostStage(Stage):
     def run(self) -> StageResult:  # noqa: D102
         start = time.perf_counter()
         outputs = self.write()
-        return StageResult(self.name, "done", time.perf_counter() - start, outputs)
+        return StageResult(self.name, "done", time.perf_counter() - start, outputs, summary=self.summary())
+
+    def up_to_date(self) -> StageResult:  # noqa: D102
+        result = super().up_to_date()
+        result.summary = self.summary()
+        return result
 
     def write(self) -> dict[str, str]:
         """Write the stage's outputs; returns them."""
         raise NotImplementedError
+
+    def summary(self) -> list[str]:
+        """Lines for the run summary, read from the stage's finished outputs (so an up-to-date run shows them too)."""
+        return []
 
 
 class MosaicStage(PostStage):
@@ -220,7 +233,7 @@ class MosaicStage(PostStage):
 
 
 class CogStage(PostStage):
-    """The mosaic's channels as a Cloud-Optimised GeoTIFF named after the kind."""
+    """The mosaic's channels as a Cloud-Optimised GeoTIFF named after the kind (bands ``p(<class>)`` for classes)."""
 
     name = "cog"
 
@@ -228,9 +241,9 @@ class CogStage(PostStage):
         return {"cog": self.ctx.path(f"{self.ctx.kind.name}.tif")}
 
     def write(self) -> dict[str, str]:  # noqa: D102
-        from pipeline.mosaic.cog import write_cog
+        from pipeline.mosaic.scores import write_score_cog
 
-        return {"cog": write_cog(self.ctx.mosaic, self.outputs()["cog"])}
+        return {"cog": write_score_cog(self.ctx.mosaic, self.outputs()["cog"])}
 
 
 class ClassMapStage(PostStage):
@@ -276,6 +289,77 @@ class QuicklookStage(PostStage):
         from pipeline.mosaic.quicklook import quicklook
 
         return {"quicklook": quicklook(self.ctx.mosaic, self.outputs()["quicklook"])}
+
+
+class AreasStage(PostStage):
+    """Area per class of the class map (km2, pixels, share of the mapped area) as CSV and JSON, and in the summary."""
+
+    name = "areas"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.areas import AREAS_CSV, AREAS_JSON
+
+        return {"areas_csv": self.ctx.path(AREAS_CSV), "areas_json": self.ctx.path(AREAS_JSON)}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.areas import write_areas
+
+        out = self.outputs()
+        write_areas(self.ctx.mosaic, out["areas_csv"], out["areas_json"], job=str(self.ctx.job.name))
+        return out
+
+    def summary(self) -> list[str]:  # noqa: D102
+        from pipeline.mosaic.areas import read_areas
+
+        return read_areas(self.outputs()["areas_json"]).lines()
+
+
+class PolygonsStage(PostStage):
+    """The class map as polygons (one per connected region of a class) in a GeoParquet table."""
+
+    name = "polygons"
+    min_area_m2: ClassVar[float] = 0.0
+    """Polygons smaller than this are dropped (0: keep all)."""
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.vectors import POLYGONS
+
+        return {"polygons": self.ctx.path(POLYGONS)}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.vectors import write_polygons
+
+        url, _ = write_polygons(
+            self.ctx.mosaic, self.outputs()["polygons"], min_area_m2=self.min_area_m2, job=str(self.ctx.job.name)
+        )
+        return {"polygons": url}
+
+    def summary(self) -> list[str]:  # noqa: D102
+        from pipeline.mosaic.tables import count_rows
+
+        return [f"{count_rows(self.outputs()['polygons']):,} class polygons"]
+
+
+class TileLabelsStage(PostStage):
+    """One label per done tile (its most probable class, every class's probability, its footprint) as GeoParquet."""
+
+    name = "tile_labels"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.tables import TILE_LABELS
+
+        return {"tile_labels": self.ctx.path(TILE_LABELS)}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.tables import write_tile_labels
+
+        url, _ = write_tile_labels(self.ctx.tiles, self.outputs()["tile_labels"], job=str(self.ctx.job.name))
+        return {"tile_labels": url}
+
+    def summary(self) -> list[str]:  # noqa: D102
+        from pipeline.mosaic.tables import format_label_counts, tile_label_counts
+
+        return format_label_counts(*tile_label_counts(self.outputs()["tile_labels"]))
 
 
 def job_stages(ctx: JobContext) -> list[Stage]:
