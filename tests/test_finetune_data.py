@@ -6,6 +6,7 @@ Cube adapters (labels reprojected / rasterised onto a cube) are in ``test_finetu
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -112,6 +113,7 @@ def test_class_folders_contract_and_stratified_seeded_split() -> None:
     assert float(s["periods"][0]["hr"]["gsd"]) == 2.5
     assert _same(s, src.get(7)) and _same(s, src.get(7, np.random.default_rng(3)))  # not a training source
     # the same seed gives the same split; another seed another one
+    assert json.loads(json.dumps(src.describe()))["samples"] == 42  # provenance goes into checkpoints as JSON
     assert _open(data, "val").keys == src.keys
     assert _open(data | {"split": {"seed": 1}}, "val").keys != src.keys
     batch = collate([src.get(i) for i in range(4)])
@@ -141,7 +143,7 @@ def test_class_folders_bad_inputs_name_the_file(tmp_path: Path) -> None:
             shutil.copy(p, tmp_path / c / p.name)
     data = {"format": "class_folders", "path": str(tmp_path), "size": 16, "gsd": 2.5, "split": {"fractions": [1, 0, 0]}}
     with pytest.raises(DataBandError, match=r"a001\.jpg.*'hr'.*\['R', 'G', 'B', 'N'\]"):
-        _open(data, model={"hr": HR_RGBN}).get(0)
+        _open(data, model={"hr": HR_RGBN})
     (tmp_path / "aGrass" / "a001.jpg").write_bytes(b"not a jpeg")
     source = _open(data)
     bad = source.keys.index("aGrass/a001.jpg")
@@ -317,6 +319,9 @@ def test_raster_pairs_bad_label_values_name_the_file(tmp_path: Path) -> None:
     data = _floods(path=str(tmp_path), modalities={"s1": {"glob": "S1Hand/*.tif"}})
     with pytest.raises(LabelValueError, match=r"Spain_7370579_LabelHand\.tif: label values \['5'\]"):
         _open(data)
+    (tmp_path / "S1Hand" / "Spain_7370579_S1Hand.tif").write_bytes(b"truncated")
+    with pytest.raises(DataReadError, match=r"Spain_7370579_S1Hand\.tif: cannot read the raster"):
+        _open(data | {"label_nodata": [-1, 5]})
 
 
 # --- bigearthnet --------------------------------------------------------------------------------------------------
@@ -336,7 +341,7 @@ def test_bigearthnet_multilabel_explicit_and_seeded_splits() -> None:
     assert int(s["periods"][0]["s2"]["doy"][0]) > 0  # from the patch name
     total = sum(np.asarray(label_stats(p)["counts"]) for p in parts.values())
     assert total[src.classes.index("Mixed forest")] == 13  # the README's label frequency
-    seeded = {s: _open(data | {"modalities": ["s2"], "size": 64, "split": {"seed": 5}}, s) for s in SPLITS}
+    seeded = {s: _open(data | {"size": 64, "split": {"seed": 5}}, s, model={"s2": MODEL["s2"]}) for s in SPLITS}
     names = [{p.name for p in seeded[s].patches} for s in SPLITS]
     assert [len(n) for n in names] == [24, 3, 3] and len(set.union(*names)) == 30
     x = seeded["val"].get(0)

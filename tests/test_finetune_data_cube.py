@@ -10,15 +10,16 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import torch
-from infer_fixtures import write_cube
+from infer_fixtures import MICRO, write_cube
 from scipy.ndimage import maximum_filter
 from shared_data import needs_shared, require
 
 from pipeline.finetune.data import label_stats, open_dataset, parse_data_spec
 from pipeline.finetune.data.cubelabels import LabelExtentError
 from pipeline.finetune.data.readers import DataBandError
-from pipeline.finetune.sample import IGNORE
+from pipeline.finetune.sample import IGNORE, batch_inputs, collate
 from pipeline.modalities import DEFAULT_MODALITIES, HR, HR_RGBN, S2
+from pipeline.model import create_model
 
 pytestmark = needs_shared("eolearn_slovenia")
 MODEL = dict(DEFAULT_MODALITIES)
@@ -58,6 +59,7 @@ def test_cube_raster_labels_contract(cube: str) -> None:
     assert torch.equal(s["label"], src.get(5)["label"])
     again = pickle.loads(pickle.dumps(src)).get(5)  # DataLoader workers get a copy with its own Zarr handles
     assert torch.equal(again["label"], s["label"]) and torch.equal(again["periods"][0]["s2"]["x"], s2["x"])
+    assert json.loads(json.dumps(src.describe()))["dates"] == {"s2": 5, "hr": 1}
     stats = label_stats(src)
     assert sum(stats["counts"]) == (src.scenes[0].label.labels != IGNORE).sum()  # every labelled HR pixel
     assert stats["counts"][NAMES.index("forest")] > stats["counts"][NAMES.index("grassland")] > 0
@@ -121,3 +123,15 @@ def test_cube_errors_name_extents_and_bands(cube: str, tmp_path: Path) -> None:
         open_dataset(parse_data_spec(_polygons(cube, class_column="LULC")), "train", MODEL, train=False)
     with pytest.raises(DataBandError, match=r"slovenia\.zarr/hr: modality 'hr'.*'N'"):
         open_dataset(parse_data_spec(_data(cube, "lulc.tif")), "train", MODEL | {"hr": HR_RGBN}, train=False)
+
+
+def test_cube_samples_feed_a_model(cube: str) -> None:
+    """HR and S2 of one batch meet on the 10 m token grid of a micro model (the output-grid arithmetic holds)."""
+    torch.manual_seed(0)
+    model = create_model("skysense_v2_tiny", **MICRO).eval()
+    specs = {m: model.config.modality(m) for m in ("s2", "hr")}
+    src = open_dataset(parse_data_spec(_data(cube, "lulc.tif", scale=[0.5, 2.0])), "train", specs, train=True)
+    batch = collate([src.get(i, np.random.default_rng(i)) for i in range(2)])
+    with torch.no_grad():
+        out = model.forward_features(batch_inputs(batch, "cpu")[0])
+    assert out["fused"].shape[-2:] == (16, 16) and batch["label"].shape == (2, 64, 64)

@@ -77,7 +77,9 @@ class BigEarthNetLabelled(LabelledSource):
         root = Path(spec.path)
         if not root.is_dir():
             raise DataReadError(f"bigearthnet folder not found: {root}")
-        self.modalities = tuple(spec.modalities)
+        self.modalities = tuple(spec.modalities or [m for m in ("s2", "s1") if m in model_specs])
+        if not self.modalities:
+            raise ValueError(f"{spec.path}: BigEarthNet has s2 and s1; the model takes neither {sorted(model_specs)}")
         missing_modalities(list(self.modalities), model_specs, spec.path)
         self.classes = list(_json(root / "classes.json")["classes_19"])
         explicit = any(getattr(spec, s) is not None for s in ("train", "val", "test"))

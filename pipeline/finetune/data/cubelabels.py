@@ -63,7 +63,7 @@ def check_overlap(label_bounds: tuple[float, float, float, float], grid: Grid, p
 
 
 def raster_labels(path: str, band: int, grid: Grid, classes: Any, nodata: list[float]) -> tuple[np.ndarray, LabelMap]:
-    """A label raster reprojected onto ``grid`` (nearest neighbour), mapped to class indices.
+    """A label raster reprojected onto ``grid`` (nearest neighbour), mapped to class indices (int16, IGNORE).
 
     Without declared ``classes`` the classes are the values found on the grid (named by a ``classes`` tag such as
     ``"1=cultivated land,2=forest"`` when the raster has one).
@@ -92,7 +92,7 @@ def raster_labels(path: str, band: int, grid: Grid, classes: Any, nodata: list[f
     )  # fmt: skip
     found = np.unique(dst[np.isfinite(dst)]) if classes is None else ()
     labels = LabelMap.build(classes, nodata, found, named)
-    return labels.apply(dst, path).astype(np.int32), labels
+    return labels.apply(dst, path).astype(np.int16), labels
 
 
 def _read_vectors(path: str) -> Any:
@@ -147,5 +147,5 @@ def vector_labels(path: str, class_column: str | None, name_column: str | None, 
         labels = LabelMap(tuple(float(i) for i in range(len(names))), tuple(names))
         index = np.array([names.index(t) for t in text], dtype=np.int64)
     shapes = [(geom, int(i)) for geom, i in zip(gdf.geometry, index) if geom is not None and not geom.is_empty]
-    out = rasterize(shapes, out_shape=grid.shape, transform=grid.transform, fill=IGNORE, dtype="int32")
+    out = rasterize(shapes, out_shape=grid.shape, transform=grid.transform, fill=IGNORE, dtype="int16")
     return out, labels

@@ -17,7 +17,7 @@ from pipeline.train.sources import list_images
 
 from .geometry import View, crop, layer_box
 from .labels import LabelMap
-from .readers import DataReadError, image_size, read_mask, read_rgb
+from .readers import DataReadError, image_size, read_mask, read_rgb, rgb_indices
 from .source import ArrayLabel, ArrayLayer, LabelledSource, Scene, WindowedSource, plan_outputs
 from .spec import ChangeFoldersSpec, ClassFoldersSpec
 from .splits import SplitError, explicit_split, membership, seeded_rule
@@ -83,6 +83,8 @@ class ClassFoldersSource(LabelledSource):
         self.files = [f for f, k in zip(files, keep) if k]
         self.labels = [lab for lab, k in zip(labels, keep) if k]
         self.keys = [key for key, k in zip(keys, keep) if k]
+        if files:
+            rgb_indices(files[0], hr)  # a model that wants NIR fails here, not in a DataLoader worker
         gsd = spec.gsd or hr.gsd
         self.outputs = plan_outputs({"hr": hr}, {"hr": gsd}, spec.size, spec.path)
         self.side = spec.size * self.outputs["hr"].gsd / gsd
@@ -171,6 +173,8 @@ class ChangeFoldersSource(WindowedSource):
             log.warning("%s: %d names without all of A/B/label are left out, e.g. %s", root, len(incomplete),
                         incomplete[:3])  # fmt: skip
             self.stats.extra["incomplete"] = len(incomplete)
+        if names:
+            rgb_indices(a[names[0]], hr)
         scenes = []
         for n in names:
             shape = image_size(lab[n])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -97,13 +98,21 @@ def _rasterio():  # rasterio is heavy: imported on first use
     return rasterio
 
 
-@lru_cache(maxsize=4096)
 def raster_info(path: str) -> RasterInfo:
-    """The header of a raster (cached per path).
+    """The header of a raster (cached per path and modification time).
 
     Raises:
         DataReadError: the file is missing or not a raster GDAL reads.
     """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        stat = None  # not a local file (a URL GDAL reads), or missing: GDAL says which
+    return _raster_info(path, (stat.st_mtime_ns, stat.st_size) if stat else None)
+
+
+@lru_cache(maxsize=4096)
+def _raster_info(path: str, version: tuple[int, int] | None) -> RasterInfo:
     rio = _rasterio()
     try:
         with warnings.catch_warnings():
@@ -215,19 +224,31 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DataReadError(f"{path}: cannot read the image ({err})") from None
 
 
+RGB = ("R", "G", "B")
+
+
+def rgb_indices(path: Path, spec: ModalitySpec) -> list[int]:
+    """Channels of an RGB image holding the model's bands, in the model's order.
+
+    Raises:
+        DataBandError: the model wants bands an RGB image does not have (e.g. NIR), naming ``path``.
+    """
+    if any(b not in RGB for b in spec.bands):
+        raise DataBandError(path, spec.name, spec.bands, RGB)
+    return [RGB.index(b) for b in spec.bands]
+
+
 def read_rgb(path: Path, spec: ModalitySpec) -> np.ndarray:
     """(C, H, W) float32 of an RGB image's channels in the model's band order (``R``, ``G``, ``B`` subset).
 
     Raises:
         DataReadError: unreadable image.
-        DataBandError: the model wants bands an RGB image does not have (e.g. NIR).
+        DataBandError: see :func:`rgb_indices`.
     """
-    rgb = ("R", "G", "B")
-    if any(b not in rgb for b in spec.bands):
-        raise DataBandError(path, spec.name, spec.bands, rgb)
+    idx = rgb_indices(path, spec)
     with _open_image(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return arr.transpose(2, 0, 1)[[rgb.index(b) for b in spec.bands]]
+    return arr.transpose(2, 0, 1)[idx]
 
 
 def read_mask(path: Path) -> np.ndarray:

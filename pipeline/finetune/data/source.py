@@ -30,7 +30,8 @@ from pipeline.finetune.sample import IGNORE, Sample
 from pipeline.modalities import GRID_GSD, ModalitySpec
 from pipeline.train.sources import modality_entry
 
-from .geometry import View, crop, finish, layer_box, plan_view
+from .geometry import View, crop, finish, layer_box, plan_view, window_origins
+from .labels import class_counts
 from .readers import read_window, to_units
 from .splits import SPLIT_INDEX, BlockSplit
 
@@ -232,11 +233,10 @@ class LabelledSource:
             raise IndexError(f"sample {index} of a source of {len(self)}")
         i, scene, top, left = self.locate(index)
         rng = rng if self.train else None
-        H, W = scene.shape
-        centred = top is None or left is None
-        box = ((H - scene.side) / 2, (W - scene.side) / 2) if centred else (top, left)
-        jitter = None if centred else scene.side / 2
-        view = plan_view(scene.shape, *box, scene.side, rng, self.spec.scale, jitter, scene.quantum)  # type: ignore[arg-type]
+        jitter: float | None = scene.side / 2  # a window moves around its place; an image's footprint anywhere
+        if top is None or left is None:
+            top, left, jitter = (scene.shape[0] - scene.side) / 2, (scene.shape[1] - scene.side) / 2, None
+        view = plan_view(scene.shape, top, left, scene.side, rng, self.spec.scale, jitter, scene.quantum)
         periods: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(self.periods)]
         for (p, m), layer in scene.layers.items():
             x, doy = layer.read(view, rng)
@@ -296,9 +296,6 @@ class WindowedSource(LabelledSource):
 
     def index(self, in_split: list[bool], min_labelled: float = 0.0) -> None:
         """Windows of the scenes in this split (all scenes with blocks) with labelled pixels; label statistics."""
-        from .geometry import window_origins
-        from .labels import class_counts
-
         regression = self.task == "regression"
         counts = np.zeros(len(self.classes or ()), dtype=np.int64)
         self.windows: list[tuple[int, float, float]] = []

@@ -321,13 +321,13 @@ class BigEarthNetSpec(_DataBase):
     ``split_field`` in ``labels.json``. Sample keys: the patch folder names.
 
     Attributes:
-        modalities: ``[s2, s1]``, or one of them.
+        modalities: ``[s2, s1]``, or one of them (default: those of the two the model takes).
         split_field: the ``labels.json`` field holding ``train`` / ``val`` / ``test`` (used when no split is given).
 
     """
 
     format: Literal["bigearthnet"] = "bigearthnet"
-    modalities: list[Literal["s2", "s1"]] = Field(default_factory=lambda: ["s2", "s1"], min_length=1)
+    modalities: list[Literal["s2", "s1"]] | None = Field(None, min_length=1)
     split_field: str = "split_in_configilm_mock"
     size: int = Field(120, gt=0, le=8192)
 
@@ -391,7 +391,10 @@ DataSpec = Annotated[
 ]
 """One dataset of a fine-tuning task, discriminated on ``format``."""
 
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(DataSpec)
+AnyDataSpec = ClassFoldersSpec | RasterPairsSpec | ChangeFoldersSpec | BigEarthNetSpec | CubeDataSpec
+"""The type of a validated data spec."""
+
+_ADAPTER: TypeAdapter[AnyDataSpec] = TypeAdapter(DataSpec)
 
 
 def format_errors(source: str, err: ValidationError) -> str:
@@ -409,7 +412,9 @@ def format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_data_spec(data: Any, base_dir: str | os.PathLike[str] | None = None, source: str = "<data spec>") -> Any:
+def parse_data_spec(
+    data: Any, base_dir: str | os.PathLike[str] | None = None, source: str = "<data spec>"
+) -> AnyDataSpec:
     """Validate one ``data`` entry; relative paths are resolved against ``base_dir`` (default: the working dir).
 
     Raises:
