@@ -1,4 +1,8 @@
-"""``skypipe eval knn|linear|bigearthnet|split``: frozen-feature evaluations; the metric is the last line printed."""
+"""``skypipe eval knn|linear|bigearthnet|split|protocol``: frozen-feature evaluations.
+
+knn/linear/bigearthnet print their metric last; ``protocol`` (``protocol_cli.py``) is the fixed protocol that every
+checkpoint is reported with.
+"""
 
 from __future__ import annotations
 
@@ -149,3 +153,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--train", dest="train_count", type=int, required=True, help="first N images per class")
     sp.add_argument("--test", dest="test_count", type=int, help="next M images per class (default: the rest)")
     sp.set_defaults(func=_split)
+    from .protocol_cli import register_protocol
+
+    register_protocol(sub)

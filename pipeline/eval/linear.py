@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -30,19 +30,27 @@ class LinearResult:
     C: float
 
 
+def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, c_grid: tuple[float, ...] = C_GRID,
+                     seed: int = 0) -> tuple[Pipeline, float]:  # fmt: skip
+    """Standardiser + multinomial logistic regression, ``C`` picked by stratified CV (folds shuffled by ``seed``).
+
+    Returns:
+        The fitted pipeline and the chosen ``C``; score it on as many test sets as needed.
+    """
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    folds = int(min(5, np.bincount(train_y).min()))
+    if folds < 2:
+        return pipe.set_params(logisticregression__C=1.0).fit(train_x, train_y), 1.0
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    search = GridSearchCV(pipe, {"logisticregression__C": list(c_grid)}, cv=cv)
+    search.fit(train_x, train_y)
+    return search.best_estimator_, float(search.best_params_["logisticregression__C"])
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  c_grid: tuple[float, ...] = C_GRID, seed: int = 0) -> LinearResult:  # fmt: skip
     """Multinomial logistic regression with ``C`` picked by stratified CV on train; top-1 accuracy on test."""
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-    folds = int(min(5, np.bincount(train_y).min()))
-    if folds >= 2:
-        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        search = GridSearchCV(pipe, {"logisticregression__C": list(c_grid)}, cv=cv)
-        search.fit(train_x, train_y)
-        model, c = search.best_estimator_, float(search.best_params_["logisticregression__C"])
-    else:
-        c = 1.0
-        model = pipe.set_params(logisticregression__C=c).fit(train_x, train_y)
+    model, c = fit_linear_probe(train_x, train_y, c_grid, seed)
     acc = float((model.predict(test_x) == test_y).mean())
     return LinearResult(acc, len(train_x), len(test_x), c)
 

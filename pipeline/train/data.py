@@ -164,6 +164,7 @@ def build_sources(
         num_regions: GCPL regions of the job (the meta-architecture's ``num_regions``).
     """
     from .cubes import CubeSource
+    from .scenes import SceneSource
     from .sources import BigEarthNetSource, ChangePairSource, ImageFolderSource
 
     built: list[Source] = []
@@ -178,6 +179,10 @@ def build_sources(
             built.append(ChangePairSource(d["path"], size=d["size"], gsd=d["gsd"], scale=tuple(d["scale"]), **where))
         elif kind == "bigearthnet":
             built.append(BigEarthNetSource(d["path"], split=d.get("split"), size=d.get("size"), **where))
+        elif kind == "scenes":
+            built.append(SceneSource(d["path"], format=d["format"], size=d["size"], gsd=d.get("gsd"),
+                                     zoom=tuple(d["zoom"]), native_gsd=d.get("native_gsd"), glob=d.get("glob"),
+                                     modality=d["modality"], **where))  # fmt: skip
         elif kind == "cube":
             built.append(CubeSource(d["path"], size=d["size"], modalities=d.get("modalities"),
                                     num_dates=d["num_dates"], min_valid=d["min_valid"],

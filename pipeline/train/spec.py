@@ -97,6 +97,35 @@ class BigEarthNetSpec(_UngeoreferencedSource):
     size: int | None = Field(None, gt=0)
 
 
+class ScenesSpec(_UngeoreferencedSource):
+    """Rasters of known GSD (DOTA scenes, WorldView pairs, S1 chips ...) as scale-varied crops at a target GSD.
+
+    See :mod:`pipeline.train.scenes`: ``format`` says how a raster becomes the modality's units, ``zoom`` how far
+    the content may be zoomed away from the declared ``gsd`` (``[1, 1]``: exact).
+    """
+
+    kind: Literal["scenes"] = "scenes"
+    format: Literal["rgb", "worldview", "grey", "bands"] = "rgb"
+    modality: Literal["hr", "s2", "s1"] = "hr"
+    size: int = Field(128, gt=0)
+    gsd: float | None = Field(None, gt=0)
+    zoom: tuple[float, float] = (1.0, 1.0)
+    native_gsd: float | None = Field(None, gt=0)
+    glob: str | None = None
+
+    @model_validator(mode="after")
+    def _grid(self) -> ScenesSpec:
+        from pipeline.modalities import GRID_GSD, get_modality
+
+        gsd = self.gsd or get_modality(self.modality).gsd
+        cells = self.size * gsd / GRID_GSD
+        if abs(cells - round(cells)) > 1e-6 or round(cells) < 1:
+            raise ValueError(f"size {self.size} px at {gsd:g} m is not a whole number of {GRID_GSD:g} m grid cells")
+        if not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"zoom must be [low, high] with 0 < low <= high, got {list(self.zoom)}")
+        return self
+
+
 class CubeSourceSpec(_PathSource):
     """Random windows of a Zarr cube (all its modalities, same footprint)."""
 
@@ -107,7 +136,9 @@ class CubeSourceSpec(_PathSource):
     min_valid: float = Field(0.5, ge=0, le=1)
 
 
-DataSource = Annotated[ImagesSource | ChangePairsSource | BigEarthNetSpec | CubeSourceSpec, Field(discriminator="kind")]
+DataSource = Annotated[
+    ImagesSource | ChangePairsSource | BigEarthNetSpec | ScenesSpec | CubeSourceSpec, Field(discriminator="kind")
+]
 
 
 class ModelSpec(_Strict):

@@ -1,0 +1,120 @@
+"""Score a pre-training run's checkpoints on VAL, pick one, score it on TEST, and (optionally) ship it (issue 15).
+
+    python benchmarks/pretrain_v2_finish.py                       # score new checkpoints on VAL, print the curve
+    python benchmarks/pretrain_v2_finish.py --test                # + pick the best on VAL, export it, score on TEST
+    python benchmarks/pretrain_v2_finish.py --test --ship         # + copy it to checkpoints/ if it beats the old one
+
+Run it from the repository root, niced (``nice -n 19``), as often as wanted: checkpoints already scored are
+skipped (their results stay in ``<storage>/val/step_<N>.json``). The pick is the step with the best VAL kNN on the
+scale-shifted views (ties: VAL kNN at zoom 1, then the later step); TEST is touched only for the picked teacher.
+Shipping needs ``outputs/protocol/old-test.json`` (the shipped checkpoint scored on TEST) and copies the candidate
+to ``checkpoints/skysense_v2_tiny_ssl.pt`` only when its TEST kNN on the shifted views is higher; the model card and
+benchmarks/RESULTS.md are then updated by hand from the printed tables and the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.eval.protocol import format_table, run_protocol
+from pipeline.model.checkpoint import read_checkpoint
+from pipeline.train.state import export_model, list_checkpoints
+
+SHIPPED = Path("checkpoints/skysense_v2_tiny_ssl.pt")
+KEY = "rsscn7/knn/shifted"
+
+
+def export_teacher(path: str, out: Path) -> None:
+    """The EMA teacher of a training checkpoint as a model checkpoint whose provenance lists the data sources."""
+    spec = read_checkpoint(path)["extra"].get("spec", {})
+    prov = {"data_spec": spec.get("data", []), "steps_planned": spec.get("steps"), "recipe": spec.get("name")}
+    export_model(path, str(out), which="teacher", provenance=prov)
+
+
+def score_val(storage: str, linear: bool) -> dict[int, dict]:
+    """VAL results of every checkpoint of the run (computing the missing ones)."""
+    out = Path(storage) / "val"
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for step, path in list_checkpoints(storage):
+        f = out / f"step_{step:07d}.json"
+        if not f.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                export_teacher(path, Path(tmp) / "teacher.pt")
+                r = run_protocol("val", checkpoint=str(Path(tmp) / "teacher.pt"), linear=linear, log=None)
+            r["model"]["checkpoint"] = f"{path} (EMA teacher)"
+            f.write_text(json.dumps(r, indent=1))
+        results[step] = json.loads(f.read_text())
+    return results
+
+
+COLUMNS = (("kNN 1x", "rsscn7/knn/plain"), ("kNN shifted", KEY), ("linear 1x", "rsscn7/linear/plain"),
+           ("linear shifted", "rsscn7/linear/shifted"), ("BEN mAP", "bigearthnet/map"))  # fmt: skip
+
+
+def _row(label: str, metrics: dict) -> str:
+    cells = [f"{100 * metrics[k]['mean']:.2f}" if k in metrics else "-" for _, k in COLUMNS]
+    return f"{label:>7s} " + " ".join(f"{c:>{len(h)}s}" for c, (h, _) in zip(cells, COLUMNS))
+
+
+def curve(results: dict[int, dict], baseline: dict | None) -> str:
+    """VAL metrics per step (percent), with the random-init mean as the last row."""
+    lines = [f"{'step':>7s} " + " ".join(h for h, _ in COLUMNS)]
+    lines += [_row(str(step), r["metrics"]) for step, r in sorted(results.items())]
+    if baseline:
+        lines.append(_row("random", baseline["metrics"]))
+    return "\n".join(lines)
+
+
+def pick(results: dict[int, dict]) -> int:
+    """The step with the best VAL kNN on shifted views (ties: kNN at zoom 1, then the later step)."""
+    m = {s: r["metrics"] for s, r in results.items()}
+    return max(m, key=lambda s: (round(m[s][KEY]["mean"], 6), round(m[s]["rsscn7/knn/plain"]["mean"], 6), s))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--storage", default="outputs/pretrain-tiny-v2")
+    p.add_argument("--random-val", default="outputs/protocol/random-val.json")
+    p.add_argument("--random-test", default="outputs/protocol/random-test.json")
+    p.add_argument("--old-test", default="outputs/protocol/old-test.json")
+    p.add_argument("--quick", action="store_true", help="VAL without the linear probe")
+    p.add_argument("--test", action="store_true", help="pick on VAL, export and score on TEST")
+    p.add_argument("--ship", action="store_true", help="copy to checkpoints/ if it beats the old one on TEST")
+    args = p.parse_args()
+    load = lambda f: json.loads(Path(f).read_text()) if Path(f).exists() else None  # noqa: E731
+    results = score_val(args.storage, linear=not args.quick)
+    if not results:
+        print(f"no checkpoints under {args.storage}/checkpoints yet")
+        return 1
+    print(curve(results, load(args.random_val)))
+    best = pick(results)
+    print(f"best on VAL: step {best}")
+    if not args.test:
+        return 0
+    path = dict(list_checkpoints(args.storage))[best]
+    cand = Path(args.storage) / "candidate.pt"
+    export_teacher(path, cand)
+    test = run_protocol("test", checkpoint=str(cand), log=None)
+    test["model"]["picked_on_val"] = {"step": best, "val": results[best]["metrics"]}
+    Path("outputs/protocol").mkdir(parents=True, exist_ok=True)
+    Path("outputs/protocol/v2-test.json").write_text(json.dumps(test, indent=1))
+    for name, f in (("random init", args.random_test), ("old checkpoint", args.old_test)):
+        if load(f):
+            print(f"\nTEST, candidate (step {best}) vs {name}:\n{format_table(test, load(f))}")
+    old = load(args.old_test)
+    better = old is not None and test["metrics"][KEY]["mean"] > old["metrics"][KEY]["mean"]
+    print(f"\ncandidate {'beats' if better else 'does not beat'} the shipped checkpoint on TEST kNN (shifted)")
+    if args.ship and better:
+        shutil.copyfile(cand, SHIPPED)
+        print(f"shipped: {SHIPPED} ({SHIPPED.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
