@@ -101,7 +101,8 @@ class OutputSpec(_Strict):
     """What the inference stage writes, into the folder ``path`` (default ``outputs/<job name>``).
 
     Attributes:
-        kind: fused embeddings, class logits, or before/after change logits.
+        kind: what the job writes (:mod:`pipeline.kinds`); default: the kind a fine-tuned checkpoint was trained
+            for, else ``embeddings``.
         path: output folder (local path or fsspec URL): tiles, mosaic, COG, archive, quicklook.
         num_classes: classes of a segmentation head the checkpoint does not carry (a seeded random head).
         class_names: names of the output classes (default ``class_<i>``).
@@ -109,7 +110,7 @@ class OutputSpec(_Strict):
 
     """
 
-    kind: Annotated[str, AfterValidator(_known_kind)] = "embeddings"
+    kind: Annotated[str, AfterValidator(_known_kind)] | None = None
     path: str | None = None
     num_classes: int | None = Field(None, ge=2)
     class_names: list[str] | None = None
@@ -118,14 +119,16 @@ class OutputSpec(_Strict):
 
     @property
     def output_kind(self) -> OutputKind:
-        """The kind object (:mod:`pipeline.kinds`)."""
-        return get_kind(self.kind)
+        """The kind object (:mod:`pipeline.kinds`); ``embeddings`` until a checkpoint's task has decided it."""
+        return get_kind(self.kind or "embeddings")
 
     @model_validator(mode="after")
     def _consistent(self) -> OutputSpec:
-        kind = self.output_kind
         if (self.before is None) != (self.after is None):
             raise ValueError("give both before and after periods, or neither")
+        if self.kind is None:  # the checkpoint's task decides; checked when the job is resolved
+            return self
+        kind = self.output_kind
         if self.before is not None and kind.periods != 2:
             two = sorted(k.name for k in KINDS.values() if k.periods == 2)
             raise ValueError(f"before/after periods are for two-period kinds {two}, not {self.kind!r}")
@@ -276,6 +279,25 @@ class JobSpec(_Strict):
     def area_km2(self) -> float:
         """Approximate area of the region's bounding box in km2 (spherical Earth)."""
         return bbox_area_km2(self.bbox)
+
+    def with_checkpoint_kind(self) -> JobSpec:
+        """The job with ``output.kind`` decided: as written, else the kind the checkpoint was fine-tuned for.
+
+        Raises:
+            JobSpecError: the job's other output fields do not fit the checkpoint's kind.
+        """
+        if self.output.kind is not None:
+            return self
+        from pipeline.infer.task import checkpoint_kind  # reads the checkpoint: only when the job runs
+
+        kind = checkpoint_kind(self.checkpoint) or "embeddings"
+        data = self.model_dump()
+        data["output"]["kind"] = kind
+        try:
+            return JobSpec.model_validate(data)
+        except ValidationError as err:
+            where = f"job {self.name} (output.kind {kind!r} from its checkpoint)"
+            raise JobSpecError(_format_errors(where, err)) from None
 
     @property
     def output_path(self) -> str:

@@ -146,8 +146,8 @@ def test_task_heads_produce_grid_maps() -> None:
         same = change(inputs, inputs)
         diff = change(inputs, _inputs(seed=1))
     assert emb.shape == (2, 64, 16, 16)
-    assert seg_out.shape == (2, 5, 16, 16) and seg.channel_names[0] == "class_0"
-    assert same.shape == diff.shape == (2, 2, 16, 16)
+    assert seg_out.shape == (2, 5, 256, 256) and seg.channel_names[0] == "class_0"  # at the HR input's resolution
+    assert same.shape == diff.shape == (2, 2, 256, 256)
     assert (same - diff).abs().max() > 1e-4
     # seeded random heads: the same seed builds the same head (resumed jobs give identical outputs)
     again = build_task("segmentation", model, num_classes=5)
@@ -155,7 +155,7 @@ def test_task_heads_produce_grid_maps() -> None:
         torch.testing.assert_close(a, b)
         # before/after periods with different numbers of dates
         three_dates = {"s2": ModalityInput(torch.randn(2, 3, 10, 16, 16)), "hr": inputs["hr"]}
-        assert change(inputs, three_dates).shape == (2, 2, 16, 16)
+        assert change(inputs, three_dates).shape == (2, 2, 256, 256)
     with pytest.raises(ValueError, match="needs two inputs"):
         change(inputs)
     with pytest.raises(ValueError, match="unknown output kind"):

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import torch
 from infer_fixtures import write_checkpoint, write_cube, write_job
 from mosaic_fixtures import load_s2_chip, write_tile_store
 from test_mosaic_vectors import NAMES, ndvi_scores
@@ -19,22 +20,18 @@ from pipeline.infer.store import TileManifest
 from pipeline.job.run import RunSummary, _run_stage, run_job
 from pipeline.job.stages import (
     AreasStage,
-    ClassMapStage,
     CogStage,
     JobContext,
     MosaicStage,
     PolygonsStage,
-    QuicklookStage,
     TileLabelsStage,
 )
-from pipeline.kinds import Segmentation
+from pipeline.kinds import get_kind
 from pipeline.lease import OutputLease
-from pipeline.mosaic.scores import to_probabilities
 from pipeline.mosaic.stitch import open_mosaic
 from pipeline.palette import CLASS_NODATA
 from pipeline.spec import load_job
 
-SEGMENTATION_STAGES = [MosaicStage, CogStage, ClassMapStage, AreasStage, PolygonsStage, QuicklookStage]
 """``Segmentation.post_stages()`` with the class outputs (the edit proposed for pipeline/kinds.py)."""
 
 
@@ -48,8 +45,8 @@ def test_stages_write_resume_and_summarise(tmp_path: Path) -> None:
     spec = {"kind": "segmentation", "path": out, "class_names": NAMES}
     job = load_job(write_job(tmp_path / "job.yaml", "cube.zarr", out, "skysense_v2_tiny", output=spec))
     bands, crs, transform = load_s2_chip()
-    write_tile_store(out, to_probabilities(ndvi_scores(bands), "classes"), crs, transform, 32, 8,
-                     kind="segmentation", channels=NAMES, statuses={0: "failed"})  # fmt: skip
+    probs = get_kind("segmentation").activate(torch.from_numpy(ndvi_scores(bands))[None])[0].numpy()
+    write_tile_store(out, probs, crs, transform, 32, 8, kind="segmentation", channels=NAMES, statuses={0: "failed"})
     classes = (MosaicStage, CogStage, AreasStage, PolygonsStage, TileLabelsStage)
     ctx = JobContext(job, progress=False)
     first = _run([cls(ctx) for cls in classes], ctx)
@@ -83,9 +80,7 @@ def test_stages_write_resume_and_summarise(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_segmentation_job_writes_class_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if AreasStage not in Segmentation().post_stages():  # until pipeline/kinds.py lists the new stages
-        monkeypatch.setattr(Segmentation, "post_stages", lambda self: SEGMENTATION_STAGES)
+def test_segmentation_job_writes_class_outputs(tmp_path: Path) -> None:
     cube = write_cube(tmp_path / "cube.zarr")
     checkpoint = write_checkpoint(tmp_path / "micro.pt")
     out = tmp_path / "out"
@@ -100,7 +95,7 @@ def test_segmentation_job_writes_class_outputs(tmp_path: Path, monkeypatch: pyte
     assert "mapped" in text and all(f"\n{' ' * 13}{n}" in text for n in names)
     mosaic = open_mosaic(str(out / "mosaic.zarr"))
     classes, valid = mosaic["classes"].values, mosaic["valid"].values == 1
-    probs = mosaic["data"].values[:, valid]  # the actor stores probabilities (to_probabilities), so they blend to ones
+    probs = mosaic["data"].values[:, valid]  # the actor stores the kind's activation: probabilities blend to ones
     assert probs.min() >= 0 and probs.max() <= 1
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
     assert areas["mapped_pixels"] == (classes != CLASS_NODATA).sum() and areas["nodata_pixels"] > 0  # nodata corner

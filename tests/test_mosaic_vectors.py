@@ -9,7 +9,6 @@ borders of 32-pixel blocks.
 from __future__ import annotations
 
 import json
-import warnings
 from collections import Counter
 
 import geopandas as gpd
@@ -21,13 +20,15 @@ import pytest
 import rasterio
 import rasterio.features
 import shapely
+import torch
 from affine import Affine
 from mosaic_fixtures import PROVENANCE, linear_model, load_s2_chip, tile_origins, write_tile_store
 
 from pipeline.infer.store import TileManifest, open_or_create_store, open_tile_store, tiles_url, write_tile
+from pipeline.kinds import get_kind
 from pipeline.mosaic.areas import class_pixel_counts, mosaic_areas, pixel_area_m2, read_areas, write_areas
 from pipeline.mosaic.cog import cog_info
-from pipeline.mosaic.scores import to_probabilities, write_score_cog
+from pipeline.mosaic.scores import write_score_cog
 from pipeline.mosaic.stitch import open_mosaic, stitch_tiles
 from pipeline.mosaic.tables import tile_label_counts, tile_labels_table, write_tile_labels
 from pipeline.mosaic.vectors import class_polygons, write_polygons
@@ -51,7 +52,7 @@ def seg(tmp_path_factory):
     root = tmp_path_factory.mktemp("vectors")
     bands, crs, transform = load_s2_chip()
     logits = ndvi_scores(bands)
-    probs = to_probabilities(logits, "classes")
+    probs = activate("segmentation", logits[None])[0]
     valid = np.ones(probs.shape[1:], dtype=np.uint8)
     valid[:20, :30] = 0  # no input there: class 255, no polygons
     tiles = write_tile_store(str(root / "seg"), probs, crs, transform, 32, 8, kind="segmentation", channels=NAMES,
@@ -61,40 +62,16 @@ def seg(tmp_path_factory):
             "crs": crs, "transform": Affine(*transform)}  # fmt: skip
 
 
+def activate(kind: str, scores: np.ndarray) -> np.ndarray:
+    """What the actor stores for a kind's raw scores (classes on axis 1)."""
+    return get_kind(kind).activate(torch.from_numpy(np.ascontiguousarray(scores))).numpy()
+
+
 def _class_map(seg) -> np.ndarray:
     return open_mosaic(seg["mosaic"])["classes"].values
 
 
 # -- probabilities --------------------------------------------------------------------------------------------------
-
-
-def test_to_probabilities_softmax_nan_safe_and_identity_for_continuous():
-    rng = np.random.default_rng(0)
-    scores = rng.normal(scale=30, size=(5, 8, 9)).astype(np.float32)
-    scores[:, 0, 0] = np.nan  # no data
-    scores[2, 1, 1] = np.nan  # one class unscored
-    scores[:, 2, 2] = [1000.0, 999.0, -1000.0, 0.0, 1000.0]  # overflows a naive softmax
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        p = to_probabilities(scores, "classes")
-    assert p.dtype == np.float32 and p.shape == scores.shape
-    assert np.isnan(p[:, 0, 0]).all()
-    rest = np.ones((8, 9), dtype=bool)
-    rest[0, 0] = False
-    np.testing.assert_allclose(p[:, rest].sum(axis=0), 1.0, atol=1e-6)
-    assert (p[:, rest] >= 0).all() and (p[:, rest] <= 1).all()
-    assert p[2, 1, 1] == 0.0
-    np.testing.assert_array_equal(p[:, rest].argmax(0), np.where(np.isnan(scores), -np.inf, scores)[:, rest].argmax(0))
-    z = 2 + np.exp(-1)
-    np.testing.assert_allclose(p[:, 2, 2], [1 / z, np.exp(-1) / z, 0, 0, 1 / z], rtol=1e-6)
-    e = np.exp(scores[:, 3:, 3:].astype(np.float64))
-    np.testing.assert_allclose(p[:, 3:, 3:], e / e.sum(0), rtol=1e-5, atol=1e-7)
-    # a per-tile vector, one logit of a positive class (sigmoid), independent labels, continuous values
-    np.testing.assert_allclose(to_probabilities(np.array([0.0, np.log(3.0)]), "tile_classes"), [0.25, 0.75], rtol=1e-6)
-    np.testing.assert_allclose(to_probabilities(np.zeros((1, 2, 2)), "classes"), 0.5)
-    np.testing.assert_allclose(to_probabilities(np.array([0.0, 2.0, np.nan]), "tile_labels"),
-                               [0.5, 1 / (1 + np.exp(-2)), 0.0], rtol=1e-6)  # fmt: skip
-    assert to_probabilities(scores, "continuous") is scores
 
 
 def test_blended_mosaic_and_score_cog_are_probabilities(seg):
@@ -270,7 +247,7 @@ def per_tile(tmp_path_factory):
 
 
 def test_tile_labels_table(per_tile):
-    probs = to_probabilities(per_tile["logits"].T, "tile_classes").T  # (n, K)
+    probs = activate("classification", per_tile["logits"])  # (n, K)
     url = _tile_vector_store(str(per_tile["root"] / "cls"), "tile_classes", probs, per_tile["origins"],
                              per_tile["grid"], {4: "failed", 7: "skipped"})  # fmt: skip
     table = tile_labels_table(url, job="ljubljana")
@@ -298,7 +275,7 @@ def test_tile_labels_table(per_tile):
 
 
 def test_tile_labels_multi_label_and_logits_refused(per_tile):
-    probs = to_probabilities(per_tile["logits"].T / 10 + 0.5, "tile_labels").T  # independent: rows need not sum to 1
+    probs = activate("multilabel", per_tile["logits"] / 10 + 0.5)  # independent: rows need not sum to 1
     url = _tile_vector_store(str(per_tile["root"] / "ml"), "tile_labels", probs, per_tile["origins"],
                              per_tile["grid"], {})  # fmt: skip
     table = tile_labels_table(url)
@@ -307,7 +284,7 @@ def test_tile_labels_multi_label_and_logits_refused(per_tile):
     assert n == 9 and counts == {name: int((probs[:, k] >= 0.5).sum()) for k, name in enumerate(NAMES)}
     logits = _tile_vector_store(str(per_tile["root"] / "lg"), "tile_classes", per_tile["logits"], per_tile["origins"],
                                 per_tile["grid"], {})  # fmt: skip
-    with pytest.raises(ValueError, match=r"not probabilities.*to_probabilities"):
+    with pytest.raises(ValueError, match=r"not probabilities.*activate"):
         tile_labels_table(logits)
 
 

@@ -102,12 +102,16 @@ class TileProcessor:
         self.device = torch.device(device)
         self.group = open_for_writing(tiles_url(params.output_url))
         attrs = self.group.attrs.asdict()
+        # Output lengths (tile size, origins, grid) are in output pixels: ``ratio`` per 10 m cell for kinds that map
+        # at the finest input resolution (HR segmentation), 1 otherwise.
+        self.ratio = int(attrs.get("output_ratio", 1))
         self.tile_size = int(attrs["tile_size"])
         self.origins = np.asarray(self.group["origin"][:])
         resolved = resolve_task(params.checkpoint, params.kind, params.num_classes, params.class_names)
+        self.kind = resolved.kind
         self.task = resolved.build(context_radius=attrs.get("context_radius")).to(self.device)  # as the store says
         specs = {m: resolved.config.modality(m) for m in params.modalities}
-        grid = (int(attrs["grid"]["height"]), int(attrs["grid"]["width"]))
+        grid = (int(attrs["grid"]["height"]) // self.ratio, int(attrs["grid"]["width"]) // self.ratio)
         self.reader = CubeReader(params.cube_url, specs, params.periods, cache_bytes=cache_bytes, grid_shape=grid)
         self.manifest = TileManifest(params.output_url)
         self.micro_batch = micro_batch or (1 if self.device.type == "cpu" else 1 << 30)
@@ -118,9 +122,9 @@ class TileProcessor:
         self._pending: tuple[tuple[int, ...], Future] | None = None
 
     def tile(self, tile_id: int) -> Tile:
-        """The tile with store row ``tile_id``."""
-        row, col = (int(v) for v in self.origins[tile_id])
-        return Tile(tile_id, row, col, self.tile_size)
+        """The tile with store row ``tile_id``, on the 10 m grid."""
+        row, col = (int(v) // self.ratio for v in self.origins[tile_id])
+        return Tile(tile_id, row, col, self.tile_size // self.ratio)
 
     def _read(self, ids: tuple[int, ...]) -> list[TileInputs | BaseException]:
         start = time.perf_counter()
@@ -149,15 +153,19 @@ class TileProcessor:
         return self._read(ids)
 
     def forward(self, items: Sequence[TileInputs]) -> np.ndarray:
-        """Model output (B, K, h, w) float32 for tiles with data and one extent (h, w)."""
+        """Stored values for tiles with data and one extent (h, w): ``(B, K, h*r, w*r)`` maps or ``(B, K)`` vectors.
+
+        The kind's activation is applied (class probabilities, not logits, are stored and blended).
+        """
         start = time.perf_counter()
         on_gpu = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
             inputs = _stack(items, 0, self.device)
             after = _stack(items, 1, self.device) if len(items[0].periods) > 1 else None
-            out = self.task(inputs, after)  # (B, K, Hg, Wg)
-        if tuple(out.shape[-2:]) != items[0].extent:
-            raise RuntimeError(f"model output grid {tuple(out.shape[-2:])} is not the tile's {items[0].extent} pixels")
+            out = self.kind.activate(self.task(inputs, after))  # (B, K, H, W) or (B, K)
+        expected = tuple(e * self.ratio for e in items[0].extent)
+        if self.task.dense and tuple(out.shape[-2:]) != expected:
+            raise RuntimeError(f"model output grid {tuple(out.shape[-2:])} is not the tile's {expected} pixels")
         result = out.float().cpu().numpy()
         self.stats["compute_s"] += time.perf_counter() - start
         return result
@@ -186,14 +194,20 @@ class TileProcessor:
             "worker": self.worker, "finished_at": datetime.now(timezone.utc).isoformat(), **extra,
         }  # fmt: skip
 
-    def _write(self, item: TileInputs, out_Khw: np.ndarray, attempt: int, seconds: float) -> dict[str, Any]:
+    def _write(self, item: TileInputs, out: np.ndarray, attempt: int, seconds: float) -> dict[str, Any]:
+        """Write one tile: a map ``(K, h, w)`` (cut to the grid) into data/valid/pooled, or a vector ``(K,)``."""
         start = time.perf_counter()
-        valid, (h, w), S = item.valid, item.extent, self.tile_size
-        out_KSS = np.full((out_Khw.shape[0], S, S), np.nan, dtype=np.float32)
-        out_KSS[:, :h, :w] = out_Khw  # outside the grid: NaN, and not valid
-        data = np.where(valid[None], out_KSS, np.nan).astype(np.float32)
-        pooled = out_KSS[:, valid].mean(axis=1).astype(np.float32)
-        write_tile(self.group, item.tile.id, data, valid.astype(np.uint8), pooled)
+        r = self.ratio
+        valid = item.valid.repeat(r, axis=0).repeat(r, axis=1) if r > 1 else item.valid  # (S, S) output pixels
+        if out.ndim == 1:  # one vector per tile (scene classification): no map to store
+            write_tile(self.group, item.tile.id, None, valid.astype(np.uint8), out.astype(np.float32))
+        else:
+            (h, w), S = (e * r for e in item.extent), self.tile_size
+            out_KSS = np.full((out.shape[0], S, S), np.nan, dtype=np.float32)
+            out_KSS[:, :h, :w] = out  # outside the grid: NaN, and not valid
+            data = np.where(valid[None], out_KSS, np.nan).astype(np.float32)
+            pooled = out_KSS[:, valid].mean(axis=1).astype(np.float32)
+            write_tile(self.group, item.tile.id, data, valid.astype(np.uint8), pooled)
         rec = self._record(item.tile.id, attempt, "done", seconds, valid_fraction=round(float(valid.mean()), 6))
         self.manifest.write(rec)  # after the arrays: "done" means complete
         self.stats["write_s"] += time.perf_counter() - start

@@ -47,6 +47,14 @@ class OutputGrid:
     width: int
     chunks: tuple[int, int]  # cube chunk (y, x) on the 10 m grid (locality of reads)
 
+    def refined(self, ratio: int) -> OutputGrid:
+        """The same extent with pixels ``ratio`` times finer (an HR output grid nested in the 10 m grid)."""
+        if ratio == 1:
+            return self
+        a, b, c, d, e, f = self.transform
+        return OutputGrid(self.crs, (a / ratio, b, c, d, e / ratio, f), self.height * ratio, self.width * ratio,
+                          self.chunks)  # fmt: skip
+
 
 @dataclass
 class ModalityArrays:
@@ -282,6 +290,11 @@ class CubeReader:
     def modalities(self) -> list[str]:
         """Modalities actually read."""
         return [g.name for g in self.groups]
+
+    @property
+    def finest_ratio(self) -> int:
+        """Pixels per 10 m grid cell of the finest modality read (1 for S2/S1 only; 16 for 0.625 m HR)."""
+        return max(g.ratio for g in self.groups)
 
     def dates(self, period: int = 0) -> dict[str, list[str]]:
         """Dates used per modality in ``period`` (ISO strings)."""

@@ -133,16 +133,20 @@ def prepare_store(params: InferenceParams) -> StorePlan:
     # Fail here, in the driver, on a cube that does not fit the model (bands) or the job (no date in a period):
     # the actors would otherwise each fail to start with the same error.
     specs = {m: task.config.modality(m) for m in params.modalities}
-    CubeReader(params.cube_url, specs, params.periods, cache_bytes=0, grid_shape=(grid.height, grid.width))
+    reader = CubeReader(params.cube_url, specs, params.periods, cache_bytes=0, grid_shape=(grid.height, grid.width))
     align = task.config.window_size if params.context_radius is not None else 1
     tiles = plan_tiles(grid.height, grid.width, params.tile_size, params.overlap, align)
+    # Dense kinds that map at the finest input resolution (HR segmentation) get a finer output grid: the tiling is
+    # planned on the 10 m grid and every output length is multiplied by the finest modality's ratio.
+    r = reader.finest_ratio if params.output_kind.fine_output else 1
+    out = grid.refined(r)
     periods = [list(p) for p in params.periods]
     attrs = {
-        "grid": {"crs": grid.crs, "transform": list(grid.transform), "height": grid.height, "width": grid.width},
+        "grid": {"crs": out.crs, "transform": list(out.transform), "height": out.height, "width": out.width},
         **params.output_kind.store_attrs(task.class_names, task.class_colors),
-        "channels": task.channels, "tile_size": params.tile_size, "overlap": params.overlap,
-        "margin": params.margin, "context_radius": params.context_radius,
-        "padded": list(padding(tiles, grid.height, grid.width)), "n_tiles": len(tiles),
+        "channels": task.channels, "tile_size": params.tile_size * r, "overlap": params.overlap * r,
+        "margin": params.margin * r, "context_radius": params.context_radius, "output_ratio": r,
+        "padded": [p * r for p in padding(tiles, grid.height, grid.width)], "n_tiles": len(tiles),
         "provenance": {
             "model": task.config.name, "code_version": task.code_version, "checkpoint": task.checkpoint,
             "checkpoint_sha256": task.checkpoint_sha256, "random_init": task.random_init,
@@ -151,7 +155,7 @@ def prepare_store(params: InferenceParams) -> StorePlan:
         },
     }  # fmt: skip
     url = tiles_url(params.output_url)
-    open_or_create_store(url, attrs, origins_array(tiles))
+    open_or_create_store(url, attrs, origins_array(tiles) * r)
     return StorePlan(grid, tiles, task, url)
 
 

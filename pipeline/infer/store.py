@@ -6,14 +6,17 @@ This module is the only one that knows the layout; the inference actors write th
 
     tiles.zarr/                 Zarr v3 group
         attrs   grid {crs (WKT), transform (a, b, c, d, e, f), height, width}, kind, product (continuous |
-                classes), channels, class_names, class_colors, periods, tile_size, overlap, margin, context_radius,
-                padded [rows, cols], n_tiles, provenance {model, code_version, checkpoint, checkpoint_sha256,
+                classes | tile_classes | tile_labels), channels, class_names, class_colors, periods, tile_size,
+                overlap, margin, context_radius, output_ratio (output pixels per 10 m cell: 1, or finer for maps at
+                the finest input resolution; lengths here are in output pixels), padded [rows, cols], n_tiles,
+                provenance {model, code_version, checkpoint, checkpoint_sha256,
                 preprocessing {modality: {bands, mean, std, units}}, cube, time, modalities}
         data    (n_tiles, C, S, S) float32, chunks (1, C, S, S), NaN fill: model output, NaN where no valid input
                 or outside the grid
         origin  (n_tiles, 2) int64: (row, col) of each tile's top-left pixel on the output grid
         valid   (n_tiles, S, S) uint8, chunks (1, S, S), 0 fill: 1 where the model had any valid input
-        pooled  (n_tiles, C) float32, chunks (1, C), NaN fill: mean of ``data`` over valid pixels
+        pooled  (n_tiles, C) float32, chunks (1, C), NaN fill: mean of ``data`` over valid pixels; for per-tile
+                products (``tile_classes``, ``tile_labels``) the tile's own vector, and ``data`` stays empty
     manifest/tiles/<tile_id>.json   {tile_id, index, origin, status: done|skipped|failed, reason, error, attempts,
                                      seconds, valid_fraction, worker, finished_at}
 
@@ -134,9 +137,14 @@ def open_for_writing(url: str) -> zarr.Group:
     return zarr.open_group(storage.store_path(url), mode="r+", zarr_format=3)
 
 
-def write_tile(group: zarr.Group, index: int, data: np.ndarray, valid: np.ndarray, pooled: np.ndarray) -> None:
-    """Write one tile's (C, S, S) output, (S, S) mask and (C,) pooled vector: exactly one chunk of each array."""
-    group["data"][index] = data
+def write_tile(group: zarr.Group, index: int, data: np.ndarray | None, valid: np.ndarray, pooled: np.ndarray) -> None:
+    """Write one tile's (C, S, S) output, (S, S) mask and (C,) pooled vector: exactly one chunk of each array.
+
+    ``data`` None (per-tile products such as scene classes) leaves the map chunk unwritten: it reads back as NaN
+    and costs no storage.
+    """
+    if data is not None:
+        group["data"][index] = data
     group["valid"][index] = valid
     group["pooled"][index] = pooled
 

@@ -108,6 +108,7 @@ def run_job(
         LeaseHeldError: another run is writing this job's outputs.
         InputsUnreadableError: the job's inputs could not be read beyond its limits.
     """
+    job = job.with_checkpoint_kind()
     ctx = JobContext(job, address=address, progress=progress, max_attempts=max_attempts, break_lease=break_lease)
     summary = RunSummary(job=str(job.name), area_km2=job.area_km2)
     with OutputLease(ctx.output, what=f"outputs of job {job.name!r}", force=break_lease) as lease:

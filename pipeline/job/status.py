@@ -15,6 +15,7 @@ def job_status(job: JobSpec) -> dict[str, Any]:
     from pipeline.cube import layout
     from pipeline.lease import lease_state
 
+    job = job.with_checkpoint_kind()
     ctx = JobContext(job, progress=False)
     out: dict[str, Any] = {"job": job.name, "output": ctx.output, "lease": lease_state(ctx.output)}
     state = layout.cube_state(job.cube.path, list(job.modalities))

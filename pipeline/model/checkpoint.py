@@ -63,6 +63,11 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
+    return write_payload(payload, path)
+
+
+def write_payload(payload: dict[str, Any], path: str | Path) -> str:
+    """``torch.save`` a checkpoint dict atomically to a local path or fsspec URL; returns the file's SHA-256."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -97,8 +102,11 @@ def _verify_archive(data: bytes, path: str | Path) -> None:
         raise CheckpointError(f"{path}: checkpoint is corrupted (CRC mismatch in {bad!r}); {fix}")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, formats: tuple[str, ...] = (FORMAT,)) -> dict[str, Any]:
     """Read and validate the checkpoint dict (no model built).
+
+    ``formats`` are the accepted ``format`` values (fine-tuning adapters have their own,
+    :mod:`pipeline.finetune.checkpoint`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -118,9 +126,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a readable skypipe checkpoint ({type(err).__name__}: {_first_line(err)})"
         ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format: {found!r})")
+        raise CheckpointError(f"{path}: not a {' or '.join(formats)} checkpoint (format: {found!r})")
     return payload
 
 

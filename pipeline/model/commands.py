@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from .config import MODEL_CONFIGS, get_config
+
+if TYPE_CHECKING:
+    from pipeline.finetune.checkpoint import TaskMeta
 
 
 def _info(args: argparse.Namespace) -> int:
     from .params import count_parameters
 
     if args.name.endswith((".pt", ".ckpt", ".pth")) or "/" in args.name:
+        from pipeline.finetune.checkpoint import ADAPTER_FORMAT, backbone_of, read_any, task_meta
+
         from .checkpoint import read_checkpoint
         from .config import SkySenseConfig
 
-        payload = read_checkpoint(args.name)
-        config = SkySenseConfig.from_dict(payload["model"])
+        payload = read_any(args.name)
         print(f"checkpoint     {args.name}")
         print(f"written by     {payload['code_version']}")
         for key, value in payload.get("provenance", {}).items():
             print(f"{key:<15}{value}")
+        meta = task_meta(payload)
+        if meta is not None:
+            print(_task_lines(meta))
+        if payload["format"] == ADAPTER_FORMAT:
+            ref = payload["backbone"]
+            print(f"adapter of     {ref.get('path')} (sha256 {str(ref.get('sha256'))[:16]}...)")
+            payload = read_checkpoint(backbone_of(args.name, payload))
+        config = SkySenseConfig.from_dict(payload["model"])
     else:
         config = get_config(args.name)
     print(f"model          {config.name}")
@@ -34,6 +47,24 @@ def _info(args: argparse.Namespace) -> int:
     print()
     print(count_parameters(config).table())
     return 0
+
+
+def _task_lines(meta: TaskMeta) -> str:
+    """The fine-tuned task of a checkpoint: kind, classes with colours, adaptation, validation metrics, data."""
+    lines = [f"task           {meta.kind} (adapt: {meta.adapt}; modalities {', '.join(meta.modalities)})"]
+    if meta.class_names:
+        colors = meta.class_colors or [""] * len(meta.class_names)
+        lines.append("classes        " + ", ".join(f"{i} {n} {c}".rstrip() for i, (n, c) in
+                                                   enumerate(zip(meta.class_names, colors))))  # fmt: skip
+    if meta.label_nodata:
+        lines.append(f"label nodata   {meta.label_nodata}")
+    for split, values in (meta.metrics or {}).items():
+        if isinstance(values, dict):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, (int, float)))
+            lines.append(f"metrics ({split}) {shown}")
+    for d in (meta.data or {}).get("sources", []):
+        lines.append(f"trained on     {d.get('format')} {d.get('path')} ({d.get('samples', '?')} samples)")
+    return "\n".join(lines)
 
 
 def _init(args: argparse.Namespace) -> int:

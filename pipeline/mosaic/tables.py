@@ -14,7 +14,7 @@ The per-tile vectors come from the tile store's ``pooled`` array: a classificati
 vector per tile there (``data`` stays empty); for a per-pixel class product it is the tile's mean per-pixel
 probability. What the vectors are is read from the store's ``product`` attribute: exclusive class probabilities
 (``classes``, ``tile_classes``: they sum to 1) or independent per-class probabilities (``tile_labels``,
-multi-label). The tile store of these products holds probabilities (:func:`pipeline.mosaic.scores.to_probabilities`),
+multi-label). The tile store of these products holds probabilities (the kind's activation, applied by the actor),
 and a table of anything else is refused rather than mislabelled.
 """
 
@@ -96,8 +96,8 @@ def tile_labels_table(tiles_url: str, *, job: str | None = None) -> gpd.GeoDataF
         tile = int(done[scored][bad][0])
         raise ValueError(
             f"{tiles_url}: the pooled scores of {int(bad.sum())} tile(s) are not probabilities (tile {tile}: "
-            f"{np.round(p[bad][0], 4).tolist()}); a class product's tiles must be written through "
-            "pipeline.mosaic.scores.to_probabilities"
+            f"{np.round(p[bad][0], 4).tolist()}); a class product's tiles must hold the kind's activated scores "
+            "(pipeline.kinds.OutputKind.activate)"
         )
     class_id = np.full(len(done), -1, dtype=np.int64)
     class_id[scored] = np.argmax(p, axis=1)
