@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "pipeline.job.commands",
     "pipeline.mosaic.commands",
     "pipeline.train.commands",
+    "pipeline.finetune.commands",
     "pipeline.eval.commands",
     "pipeline.demo",
 )

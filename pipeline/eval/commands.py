@@ -1,7 +1,7 @@
-"""``skypipe eval knn|linear|bigearthnet|split|protocol``: frozen-feature evaluations.
+"""``skypipe eval knn|linear|bigearthnet|split|protocol|<task>``: frozen-feature and fine-tuned evaluations.
 
 knn/linear/bigearthnet print their metric last; ``protocol`` (``protocol_cli.py``) is the fixed protocol that every
-checkpoint is reported with.
+checkpoint is reported with; ``classification``, ``segmentation``, ... (``task_cli.py``) score fine-tuned models.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _add_folder_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` command group."""
-    ev = subparsers.add_parser("eval", help="frozen-feature evaluation (kNN, linear probe, BigEarthNet mAP)")
+    ev = subparsers.add_parser("eval", help="evaluate: frozen features (kNN, linear, protocol) or fine-tuned tasks")
     sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND", required=True)
     knn = sub.add_parser("knn", help="weighted kNN on frozen features (k=20, T=0.07, cosine)")
     _add_folder_args(knn)
@@ -154,5 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--test", dest="test_count", type=int, help="next M images per class (default: the rest)")
     sp.set_defaults(func=_split)
     from .protocol_cli import register_protocol
+    from .task_cli import register_task_evals
 
     register_protocol(sub)
+    register_task_evals(sub)

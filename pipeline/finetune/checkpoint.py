@@ -110,15 +110,20 @@ def read_task_meta(path: str) -> TaskMeta | None:
 def backbone_of(adapter_path: str, payload: dict[str, Any]) -> str:
     """The backbone checkpoint an adapter names, located and checked by sha256.
 
+    Looked for, in order: a file of the backbone's name next to the adapter (adapters and backbones are shipped
+    side by side), the recorded path relative to the adapter's folder, the recorded path as it is. The first file
+    found must have the recorded sha256.
+
     Raises:
         FileNotFoundError: the named backbone is nowhere to be found.
         AdapterMismatchError: the file found has another sha256.
     """
     ref = payload["backbone"]
     named = str(ref.get("path", ""))
-    candidates = [named] if ("://" in named or Path(named).is_absolute()) else [
-        storage.join(storage.parent(adapter_path), named), named, storage.join(storage.parent(adapter_path),
-                                                                               Path(named).name)]  # fmt: skip
+    folder = storage.parent(adapter_path)
+    candidates = list(dict.fromkeys([storage.join(folder, Path(named).name), storage.join(folder, named), named]))
+    if "://" in named or Path(named).is_absolute():
+        candidates.remove(storage.join(folder, named))
     found = next((c for c in candidates if c and storage.exists(c)), None)
     if found is None:
         raise FileNotFoundError(
