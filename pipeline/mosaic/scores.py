@@ -15,7 +15,6 @@ import json
 
 from pipeline.palette import default_colors
 
-
 EXCLUSIVE = ("classes", "tile_classes")
 """Products of exclusive classes (probabilities sum to 1 over the classes)."""
 INDEPENDENT = ("tile_labels",)
