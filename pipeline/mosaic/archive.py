@@ -13,6 +13,12 @@ Layout of ``{archive}`` (a local folder or fsspec URL)::
                               footprint polygon in the table CRS = the first mosaic's grid CRS), tile_id, mosaic,
                               row, col, time_start, time_end, model, code_version, checkpoint, checkpoint_sha256,
                               preprocessing (JSON), grid_crs, vector (fixed_size_list<float32>[C], pooled embedding)
+    patches/<name>/part-*.parquet   the regular patch table: one int8 vector per P x P patch of every mosaic's grid,
+                              one folder per mosaic (:mod:`pipeline.mosaic.patches`); ``archive.json`` records the
+                              patch settings (``patches``: size, min_valid, rows_per_file) and each mosaic's files
+                              (``sources[<name>]["patches"]``)
+    index/                    approximate nearest-neighbour index over the patch vectors (:mod:`pipeline.mosaic.ann`),
+                              updated after every build and append
 
 Quantization is affine per channel over the channel's valid range ``[lo, hi]``: ``q = round((x - lo) / scale) -
 127`` with ``scale = (hi - lo) / 254``, so the absolute error of every value is at most ``scale / 2 = (hi - lo) /
@@ -30,7 +36,9 @@ holds exactly that mosaic and :func:`append_to_archive` of sources already prese
 nothing; appending them under another name raises :class:`DuplicateSourcesError` (two names for one set of tiles
 would count every tile twice in the table). ``archive.json`` is written last (atomically): it is the commit point,
 and table rows of a mosaic it does not list (an append that was killed) are dropped by the next append. Both
-functions hold an :class:`~pipeline.lease.OutputLease` on the archive folder while they write.
+functions hold an :class:`~pipeline.lease.OutputLease` on the archive folder while they write. The patch index is
+derived data, updated after the commit: an update that was killed leaves a stale index, which the next build,
+append, index or search brings up to date (resuming at the first shard not yet written).
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import xarray as xr
 
 from pipeline.infer.store import open_tile_store
 from pipeline.lease import LEASE_FILE, LOCK_FILE, OutputLease
+from pipeline.mosaic import ann, patches
 from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
 from pipeline.storage import exists, read_json, remove, store_path, write_json
 from pipeline.storage import join as join_url
@@ -234,6 +243,48 @@ class _Sources:
                 "tiles": len(self.store.done)}  # fmt: skip
 
 
+def _patch_settings(size: int, min_valid: float, rows_per_file: int) -> dict[str, Any]:
+    if size < 1:
+        raise ValueError(f"patch size must be at least 1 grid cell, not {size}")
+    if not 0 < min_valid <= 1:
+        raise ValueError(f"min_valid is a share of a patch's pixels in (0, 1], not {min_valid}")
+    return {"size": int(size), "min_valid": float(min_valid), "rows_per_file": int(rows_per_file)}
+
+
+def _write_patches(archive_url: str, meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """Compute and write the patch files of archive mosaic ``name`` (from its stored pixels); returns the record."""
+    ds = open_mosaic(join_url(archive_url, "mosaics", f"{name}.zarr"))
+    settings = meta["patches"]
+    grid = patches.PatchGrid.of(ds, settings["size"])
+    return patches.write_patches(
+        archive_url, name, dequantize(ds), grid, provenance=ds.attrs.get("provenance") or meta["provenance"],
+        table_crs=meta["crs"], min_valid=settings["min_valid"], rows_per_file=settings["rows_per_file"],
+    )  # fmt: skip
+
+
+def ensure_patches(archive_url: str, meta: dict[str, Any], **settings: Any) -> list[str]:
+    """Give every mosaic of an archive its patch files (archives written before patch tables existed).
+
+    The caller holds the lease. ``settings`` (size, min_valid, rows_per_file) apply when the archive has none yet.
+    Returns the mosaics that got patch files; commits ``archive.json`` when there were any.
+    """
+    if "patches" not in meta:
+        meta["patches"] = _patch_settings(
+            settings.get("size", patches.DEFAULT_PATCH_SIZE), settings.get("min_valid", patches.DEFAULT_MIN_VALID),
+            settings.get("rows_per_file", patches.DEFAULT_ROWS_PER_FILE),
+        )  # fmt: skip
+    patches.remove_uncommitted(archive_url, meta["mosaics"])
+    sources = meta.setdefault("sources", {})
+    added = []
+    for name in meta["mosaics"]:
+        if "patches" not in (sources.get(name) or {}):
+            sources.setdefault(name, {})["patches"] = _write_patches(archive_url, meta, name)
+            added.append(name)
+    if added:
+        write_json(join_url(archive_url, "archive.json"), meta, indent=1)
+    return added
+
+
 def _add(archive_url: str, meta: dict[str, Any], src: _Sources, name: str | None) -> str | None:
     """Add ``src`` as mosaic ``name`` (default: the next number); ``None`` when the archive already holds it."""
     check_provenance(meta["provenance"], src.mosaic.attrs.get("provenance", {}), what=src.mosaic_url,
@@ -254,6 +305,7 @@ def _add(archive_url: str, meta: dict[str, Any], src: _Sources, name: str | None
     if name in meta["mosaics"]:
         raise ValueError(f"{archive_url} already has a mosaic named {name!r} (from other tiles)")
     _write_mosaic(src.mosaic, join_url(archive_url, "mosaics", f"{name}.zarr"), meta["quantized"], name)
+    patch_record = _write_patches(archive_url, meta, name)
     table_url = join_url(archive_url, "tiles.parquet")
     new = _tile_table(src.store, name, meta["crs"])
     if exists(table_url):
@@ -268,8 +320,9 @@ def _add(archive_url: str, meta: dict[str, Any], src: _Sources, name: str | None
         new = pa.concat_tables([old, new])
     _write_table(table_url, new, meta["crs"])
     meta["mosaics"].append(name)
-    sources[name] = src.record()
+    sources[name] = {**src.record(), "patches": patch_record}
     write_json(join_url(archive_url, "archive.json"), meta, indent=1)  # the commit point
+    ann.update_index(archive_url, meta)
     return name
 
 
@@ -302,11 +355,15 @@ def build_archive(
     *,
     name: str = "0000",
     break_lease: bool = False,
+    patch_size: int = patches.DEFAULT_PATCH_SIZE,
+    min_valid: float = patches.DEFAULT_MIN_VALID,
+    rows_per_file: int = patches.DEFAULT_ROWS_PER_FILE,
 ) -> str:
     """Create an embedding archive from one stitched mosaic and its tile store (replacing any other archive there).
 
-    If ``archive_url`` already is exactly this archive (same sources fingerprint, name, quantization and
-    provenance, and nothing else), nothing is written.
+    Writes the int8 mosaic, the per-tile table, the regular patch table and its nearest-neighbour index. If
+    ``archive_url`` already is exactly this archive (same sources fingerprint, name, quantization, patch settings
+    and provenance, and nothing else), nothing is written (a stale index is brought up to date).
 
     Args:
         mosaic_url: an ``embeddings`` mosaic from :func:`pipeline.mosaic.stitch.stitch_tiles`.
@@ -315,6 +372,9 @@ def build_archive(
         quantize: store int8 + per-channel scale / zero point (default) instead of float32.
         name: the mosaic's name inside the archive.
         break_lease: take the archive's lease even if another run seems to hold it (that run is dead).
+        patch_size: side of the patch table's patches, in grid cells (8: 80 m at 10 m).
+        min_valid: share of a patch's pixels that must have an embedding for the patch to get a row.
+        rows_per_file: patch rows per Parquet file (about).
 
     Returns:
         ``archive_url``.
@@ -322,11 +382,12 @@ def build_archive(
     Raises:
         pipeline.lease.LeaseHeldError: another run is writing this archive.
     """
+    patch_settings = _patch_settings(patch_size, min_valid, rows_per_file)
     with OutputLease(archive_url, what="embedding archive", force=break_lease):
         src = _Sources.open(mosaic_url, tiles_url)
         prov = {k: src.store.provenance.get(k) for k in _DESCRIBE}
         meta = {"format": FORMAT, "version": VERSION, "provenance": prov, "quantized": bool(quantize),
-                "crs": src.store.crs, "mosaics": [], "sources": {}}  # fmt: skip
+                "crs": src.store.crs, "patches": patch_settings, "mosaics": [], "sources": {}}  # fmt: skip
         old = _read_meta(archive_url)
         if old is not None:
             old_source = (old.get("sources") or {}).get(name) or {}
@@ -336,6 +397,8 @@ def build_archive(
                 and old_source.get("fingerprint") == src.fingerprint
             ):
                 log.info("%s already holds mosaic %r of %s: up to date", archive_url, name, tiles_url)
+                if not ann.index_status(archive_url, old).fresh:
+                    ann.update_index(archive_url, old)
                 return archive_url
             dropped = [n for n in old["mosaics"] if n != name]
             if dropped:
@@ -360,8 +423,39 @@ def append_to_archive(
     """
     with OutputLease(archive_url, what="embedding archive", force=break_lease):
         meta = open_archive(archive_url).meta
-        _add(archive_url, meta, _Sources.open(mosaic_url, tiles_url), name)
+        ensure_patches(archive_url, meta)  # an archive of an older version gets its patch table first
+        if _add(archive_url, meta, _Sources.open(mosaic_url, tiles_url), name) is None:
+            ann.update_index(archive_url, meta)  # nothing new; finish an index update a killed append left
     return archive_url
+
+
+def index_archive(
+    archive_url: str, *, rebuild: bool = False, break_lease: bool = False, **patch_settings: Any
+) -> dict[str, Any]:
+    """Bring an archive's patch table and index up to date (build them for archives written before they existed).
+
+    Args:
+        rebuild: retrain the index and re-encode every shard.
+        patch_settings: ``size``, ``min_valid``, ``rows_per_file`` for an archive that has no patch table yet.
+
+    Returns:
+        the index's ``index.json`` content.
+    """
+    with OutputLease(archive_url, what="embedding archive", force=break_lease):
+        meta = archive_meta(archive_url)
+        ensure_patches(archive_url, meta, **patch_settings)
+        return ann.update_index(archive_url, meta, rebuild=rebuild)
+
+
+def archive_meta(archive_url: str) -> dict[str, Any]:
+    """An archive's ``archive.json`` (no table or mosaic is opened); a clear error when it is not an archive."""
+    meta = _read_meta(archive_url)
+    if meta is None:
+        raise FileNotFoundError(
+            f"{archive_url} is not an embedding archive (no {FORMAT} archive.json); build one with "
+            "`skypipe archive build` or `skypipe run` of an embeddings job"
+        )
+    return meta
 
 
 @dataclass

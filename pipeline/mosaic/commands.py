@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--max-size", type=int, default=1024, help="long side in pixels (default: %(default)s)")
     s.set_defaults(func=_quicklook)
 
-    a = subparsers.add_parser("archive", help="embedding archives: build, append, query")
+    a = subparsers.add_parser(
+        "archive", help="embedding archives: build, append, index, search, classify, change, query"
+    )
     asub = a.add_subparsers(dest="archive_command", metavar="SUBCOMMAND")
     a.set_defaults(func=lambda args: a.print_help() or 2)
 
@@ -44,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("tiles")
     s.add_argument("--out", required=True, help="archive folder (replaced if it exists)")
     s.add_argument("--float", action="store_true", help="store float32 instead of int8")
+    s.add_argument("--patch-size", type=int, default=8, help="patch table cell side in grid cells (default: 8)")
     s.add_argument("--break-lease", action="store_true", help="take over from a writer known to be dead")
     s.set_defaults(func=_build)
 
@@ -54,6 +57,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--name", help="mosaic name inside the archive (default: the next number)")
     s.add_argument("--break-lease", action="store_true", help="take over from a writer known to be dead")
     s.set_defaults(func=_append)
+
+    s = asub.add_parser("index", help="bring the patch table and nearest-neighbour index up to date (resumes)")
+    s.add_argument("archive")
+    s.add_argument("--rebuild", action="store_true", help="retrain the index and re-encode every shard")
+    s.add_argument("--patch-size", type=int, default=8, help="for archives without a patch table (default: 8)")
+    s.add_argument("--break-lease", action="store_true", help="take over from a writer known to be dead")
+    s.set_defaults(func=_index)
+
+    s = asub.add_parser(
+        "search", help="top-k most similar patches (GeoParquet + quicklook) to a point, polygon or vector"
+    )
+    s.add_argument("archive")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--lonlat", nargs=2, type=float, metavar=("LON", "LAT"), help="the patch at this point")
+    q.add_argument("--geometry", metavar="FILE", help="mean vector of the patches inside these polygons")
+    q.add_argument("--vector", metavar="FILE", help="query.json of an earlier search, or .npy with --trust-vector")
+    s.add_argument("--trust-vector", action="store_true", help="accept a vector without provenance")
+    s.add_argument("--k", type=int, default=100, help="hits to return (default: %(default)s)")
+    s.add_argument("--bbox", nargs=4, type=float, metavar=("W", "S", "E", "N"), help="only patches inside (degrees)")
+    s.add_argument("--time", nargs=2, metavar=("START", "END"), help="only mosaics whose time range overlaps")
+    s.add_argument("--mosaic", action="append", help="only this mosaic (repeatable)")
+    s.add_argument("--nprobe", type=int, help="inverted lists to scan (default: the index's)")
+    s.add_argument("--out", required=True, help="output folder: hits.parquet, query.json, quicklook.png")
+    s.set_defaults(func=_search)
 
     s = asub.add_parser("query", help="cosine-similarity map (COG + PNG) to a query point or vector")
     s.add_argument("archive")
@@ -91,7 +118,34 @@ def _quicklook(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from pipeline.mosaic.archive import build_archive
 
-    print(build_archive(args.mosaic, args.tiles, args.out, quantize=not args.float, break_lease=args.break_lease))
+    print(build_archive(args.mosaic, args.tiles, args.out, quantize=not args.float, break_lease=args.break_lease,
+                        patch_size=args.patch_size))  # fmt: skip
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.archive import index_archive
+
+    state = index_archive(args.archive, rebuild=args.rebuild, break_lease=args.break_lease, size=args.patch_size)
+    print(f"{args.archive}: {state.get('next_id', 0)} patch vectors in {len(state.get('shards', []))} shard(s), "
+          f"{state.get('factory')} (nprobe {state.get('nprobe')})")  # fmt: skip
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.search import search_archive
+
+    result, paths = search_archive(
+        args.archive, args.out, lonlat=args.lonlat and tuple(args.lonlat), geometry=args.geometry, vector=args.vector,
+        trust_vector=args.trust_vector, k=args.k, bbox=args.bbox and tuple(args.bbox),
+        time_range=args.time and tuple(args.time), mosaics=args.mosaic, nprobe=args.nprobe,
+    )  # fmt: skip
+    sec = result.seconds
+    best = f", best {result.hits['score'].iloc[0]:.4f}" if len(result.hits) else ""
+    print(f"{len(result.hits)} hits of {result.query['selected_rows']} patches{best}; "
+          f"search {1e3 * sec['search']:.1f} ms "
+          f"(filter {1e3 * sec['filter']:.1f} ms, index load {sec['index_load']:.2f} s)")  # fmt: skip
+    print("\n".join(paths.values()))
     return 0
 
 

@@ -1,0 +1,450 @@
+"""Approximate nearest-neighbour index over an archive's patch vectors (FAISS inverted file, 8-bit scalar codes).
+
+Layout (inside the archive folder)::
+
+    index/index.json            the commit record: format, library and factory string, metric (cosine = inner
+                                product of L2-normalised vectors), dim, the archive provenance the vectors came from,
+                                the training record (rows, sample, nlist), default nprobe, next_id, and the shards in
+                                order: {mosaic, path (the patch file), rows, fingerprint (the mosaic's sources
+                                fingerprint), start (first id), file}
+    index/trained.faiss         the trained, empty index (coarse centroids + scalar-quantiser ranges)
+    index/shards/<mosaic>/part-00000.faiss   one shard per patch file: its vectors under ids start .. start+rows-1
+
+Why this library and these settings: measured in ``benchmarks/bench_archive.py`` (results in
+``benchmarks/RESULTS.md``, "Archive search (issue 13)"). In short: on 1.28 M real 128-d embeddings an IVF index
+with 8-bit codes reaches recall@10 >= 0.95 at well over 50x the speed of exact search, builds in seconds rather than
+the minutes a graph index (HNSW: hnswlib, usearch, FAISS) takes on two cores, takes a quarter of the float32 size,
+and appends cheaply: a new patch file is encoded against the existing centroids into a new shard file, nothing else
+is rewritten. FAISS is also the one candidate with per-query ID filters (``IDSelectorBitmap``) inside the inverted
+lists, which the bounding-box, time and mosaic prefilters use.
+
+Updates are incremental and resumable: :func:`update_index` trains once (on a seeded sample of every patch file),
+then encodes the patch files the index does not hold yet, one shard at a time, rewriting ``index.json`` after each;
+a killed build leaves at most one unfinished shard file, which the next update overwrites. When the archive has grown
+``retrain_growth`` times past the rows the centroids were trained on (and would get at least twice as many lists),
+the index is retrained and every shard re-encoded (still resumable). The index records the archive's provenance and
+refuses rows of another checkpoint or preprocessing (:class:`~pipeline.mosaic.archive.ProvenanceError`).
+
+An index is *stale* when the archive lists patch files it does not hold (an append whose index update was killed, or
+an archive written by an older version): :func:`index_status` says what is missing and :meth:`PatchIndex.open` brings
+the index up to date first (under the archive's lease) unless told not to, so a search never silently misses rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.mosaic.patches import file_vectors, read_file
+from pipeline.storage import exists, read_bytes, read_json, remove, write_bytes, write_json
+from pipeline.storage import join as join_url
+
+log = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+INDEX_FORMAT = "skypipe-patch-index"
+INDEX_VERSION = 1
+META_COLUMNS = ["prow", "pcol", "lon", "lat"]
+_IDENTITY = ("checkpoint_sha256", "preprocessing")
+
+
+class StaleIndexError(LookupError):
+    """The archive holds patches its index does not (and the index may not be updated here)."""
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the index is built; the defaults are the benchmark's choice (``benchmarks/RESULTS.md``)."""
+
+    codes: str = "SQ8"  # FAISS encoding of the vectors in the inverted lists
+    nlist: int | None = None  # inverted lists; None: :func:`auto_nlist`
+    train_per_list: int = 64  # training vectors per list (sample = min(rows, train_per_list * nlist))
+    recall_nprobe_share: float = 1 / 64  # default nprobe = nlist * this (at least 1; all lists when nlist <= 16)
+    retrain_growth: float = 4.0
+    seed: int = 0
+
+
+def auto_nlist(rows: int) -> int:
+    """Inverted lists for ``rows`` vectors: about 2 sqrt(rows), a power of two, 1 for small archives.
+
+    An archive of fewer than 2,048 patches gets one list: the index is then an exact search over 8-bit codes.
+    """
+    if rows < 2048:
+        return 1
+    nlist = int(2 ** round(math.log2(2 * math.sqrt(rows))))
+    while nlist > 1 and 39 * nlist > rows:  # FAISS's k-means wants at least 39 points per centroid
+        nlist //= 2
+    return nlist
+
+
+def default_nprobe(nlist: int, settings: IndexSettings) -> int:
+    """Lists probed per query unless the caller says otherwise."""
+    return nlist if nlist <= 16 else max(1, round(nlist * settings.recall_nprobe_share))
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32 C-contiguous."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norm > 0, norm, 1.0), dtype=np.float32)
+
+
+def committed_files(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The patch files ``archive.json`` lists, in mosaic order: ``{mosaic, path, rows, fingerprint}``."""
+    out = []
+    for name in meta["mosaics"]:
+        src = (meta.get("sources") or {}).get(name) or {}
+        for f in (src.get("patches") or {}).get("files", []):
+            out.append(
+                {"mosaic": name, "path": f["path"], "rows": int(f["rows"]), "fingerprint": src.get("fingerprint")}
+            )
+    return out
+
+
+def _identity(prov: dict[str, Any]) -> str:
+    return json.dumps({k: prov.get(k) for k in _IDENTITY}, sort_keys=True, default=str)
+
+
+def index_url(archive_url: str, *parts: str) -> str:
+    """A path inside the archive's index folder."""
+    return join_url(archive_url, INDEX_DIR, *parts)
+
+
+def read_state(archive_url: str) -> dict[str, Any] | None:
+    """The index's ``index.json`` (``None`` when there is none)."""
+    state = read_json(index_url(archive_url, "index.json"), default=None)
+    return state if isinstance(state, dict) and state.get("format") == INDEX_FORMAT else None
+
+
+@dataclass
+class IndexStatus:
+    """How an index relates to its archive."""
+
+    missing: list[dict[str, Any]] = field(default_factory=list)  # patch files not indexed
+    extra: list[dict[str, Any]] = field(default_factory=list)  # shards of files the archive no longer lists
+    reason: str | None = None  # why it must be rebuilt from scratch (no index, other provenance, ...)
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing to do."""
+        return not (self.missing or self.extra or self.reason)
+
+    def describe(self) -> str:
+        """One phrase for messages."""
+        if self.reason:
+            return self.reason
+        parts = []
+        if self.missing:
+            mosaics = sorted({f["mosaic"] for f in self.missing})
+            parts.append(f"{len(self.missing)} patch file(s) of mosaic(s) {mosaics} are not indexed")
+        if self.extra:
+            parts.append(f"{len(self.extra)} shard(s) of files no longer in the archive")
+        return "; ".join(parts)
+
+
+def _key(f: dict[str, Any]) -> tuple:
+    return (f["mosaic"], f["path"], int(f["rows"]), f.get("fingerprint"))
+
+
+def index_status(archive_url: str, meta: dict[str, Any], state: dict[str, Any] | None = None) -> IndexStatus:
+    """Compare the archive's patch files (``archive.json``) with what its index holds."""
+    state = read_state(archive_url) if state is None else state
+    files = committed_files(meta)
+    if state is None:
+        return IndexStatus(missing=files, reason="the archive has no patch index" if files else None)
+    if _identity(state["provenance"]) != _identity(meta["provenance"]):
+        return IndexStatus(missing=files, reason="the index was built from another model's or preprocessing's vectors")
+    have = {_key(s) for s in state["shards"]}
+    want = {_key(f) for f in files}
+    return IndexStatus(missing=[f for f in files if _key(f) not in have],
+                       extra=[s for s in state["shards"] if _key(s) not in want])  # fmt: skip
+
+
+def _train(archive_url: str, files: list[dict[str, Any]], dim: int, settings: IndexSettings) -> tuple[Any, dict]:
+    """Train an empty index on a seeded sample of every patch file's vectors."""
+    faiss = _faiss()
+    rows = sum(f["rows"] for f in files)
+    nlist = settings.nlist or auto_nlist(rows)
+    want = min(rows, max(nlist * settings.train_per_list, 1))
+    rng = np.random.default_rng(settings.seed)
+    parts = []
+    for f in files:  # the same share of every file, so no region dominates the centroids
+        take = min(f["rows"], max(1, round(want * f["rows"] / max(rows, 1))))
+        x = file_vectors(read_file(archive_url, f["path"], ["vector", "scale"]))
+        parts.append(x[np.sort(rng.choice(len(x), size=take, replace=False))])
+    sample = normalise(np.concatenate(parts)) if parts else np.zeros((0, dim), np.float32)
+    nlist = max(1, min(nlist, len(sample) // 4 or 1))
+    factory = f"IVF{nlist},{settings.codes}"
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    start = time.perf_counter()
+    index.train(sample)
+    log.info("trained %s on %d of %d patch vectors in %.1f s", factory, len(sample), rows, time.perf_counter() - start)
+    return index, {"rows": rows, "sample": len(sample), "nlist": nlist, "factory": factory}
+
+
+def _needs_retrain(state: dict[str, Any], rows: int, settings: IndexSettings) -> bool:
+    trained = state["trained"]
+    grown = rows > settings.retrain_growth * max(trained["rows"], 1)
+    return grown and (settings.nlist or auto_nlist(rows)) >= 2 * trained["nlist"]
+
+
+def _check_rows(table: Any, state: dict[str, Any], what: str) -> None:
+    from pipeline.mosaic.archive import check_provenance
+
+    pairs = {(a, b) for a, b in zip(table["checkpoint_sha256"].to_pylist(), table["preprocessing"].to_pylist())}
+    for sha, pre in pairs:
+        row = {"checkpoint_sha256": sha, "preprocessing": json.loads(pre), "model": None}
+        check_provenance(state["provenance"], row,
+                         what=what, against="the patch index")  # fmt: skip
+
+
+def update_index(
+    archive_url: str, meta: dict[str, Any], *, settings: IndexSettings | None = None, rebuild: bool = False
+) -> dict[str, Any]:
+    """Bring the archive's index up to date with its patch files (train if needed, encode missing files).
+
+    The caller holds the archive's lease. Returns the new ``index.json`` content.
+
+    Raises:
+        ProvenanceError: a patch file holds vectors of another checkpoint or preprocessing than the index.
+    """
+    faiss = _faiss()
+    settings = settings or IndexSettings()
+    files = committed_files(meta)
+    state = None if rebuild else read_state(archive_url)
+    status = index_status(archive_url, meta, state)
+    if status.fresh and state is not None:
+        return state
+    rows = sum(f["rows"] for f in files)
+    if state is not None and (status.reason or _needs_retrain(state, rows, settings)):
+        log.info(
+            "%s: retraining the patch index (%s)", archive_url, status.reason or f"the archive grew to {rows} rows"
+        )
+        state = None
+    if state is None:
+        remove(index_url(archive_url))
+        dim = _dimension(archive_url, files)
+        if dim is None:
+            return {}
+        trained, record = _train(archive_url, files, dim, settings)
+        write_bytes(index_url(archive_url, "trained.faiss"), faiss.serialize_index(trained).tobytes())
+        state = {
+            "format": INDEX_FORMAT, "version": INDEX_VERSION, "library": f"faiss-cpu {faiss.__version__}",
+            "factory": record["factory"], "metric": "cosine (inner product of L2-normalised vectors)", "dim": dim,
+            "provenance": meta["provenance"], "trained": record,
+            "nprobe": default_nprobe(record["nlist"], settings), "next_id": 0, "shards": [],
+        }  # fmt: skip
+        write_json(index_url(archive_url, "index.json"), state, indent=1)
+    want = {_key(f) for f in files}
+    dropped = [s for s in state["shards"] if _key(s) not in want]
+    for s in dropped:
+        remove(index_url(archive_url, s["file"]))
+    state["shards"] = [s for s in state["shards"] if _key(s) in want]
+    have = {_key(s) for s in state["shards"]}
+    trained_bytes = None
+    for f in files:
+        if _key(f) in have:
+            continue
+        if trained_bytes is None:
+            trained_bytes = read_bytes(index_url(archive_url, "trained.faiss"))
+        table = read_file(archive_url, f["path"], ["vector", "scale", "checkpoint_sha256", "preprocessing"])
+        _check_rows(table, state, f"{archive_url}/{f['path']}")
+        x = normalise(file_vectors(table))
+        index = faiss.deserialize_index(np.frombuffer(trained_bytes, dtype=np.uint8))
+        start = int(state["next_id"])
+        index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+        shard_file = "shards/" + f["path"].split("/", 1)[-1].rsplit(".", 1)[0] + ".faiss"
+        write_bytes(index_url(archive_url, shard_file), faiss.serialize_index(index).tobytes())
+        state["shards"].append({**f, "start": start, "file": shard_file})
+        state["next_id"] = start + len(x)
+        write_json(index_url(archive_url, "index.json"), state, indent=1)  # this shard is committed
+    log.info("%s: patch index holds %d vectors in %d shard(s)", archive_url, state["next_id"], len(state["shards"]))
+    return state
+
+
+def _dimension(archive_url: str, files: list[dict[str, Any]]) -> int | None:
+    for f in files:
+        if f["rows"]:
+            vec = read_file(archive_url, f["path"], ["vector"]).schema.field("vector").type
+            return int(vec.list_size)
+    return None
+
+
+@dataclass
+class PatchIndex:
+    """An opened index with the per-row metadata the prefilters and results need.
+
+    Row ``i`` of the metadata arrays is the ``i``-th vector in shard order; ``ids[i]`` is its FAISS id.
+    """
+
+    archive_url: str
+    state: dict[str, Any]
+    index: Any
+    shards: list[dict[str, Any]]
+    shard_of: np.ndarray  # (n,) int32: the shard of each row
+    row_in_shard: np.ndarray  # (n,) int64
+    ids: np.ndarray  # (n,) int64
+    columns: dict[str, np.ndarray]  # prow, pcol, lon, lat: (n,)
+    load_seconds: float = 0.0
+
+    @classmethod
+    def open(
+        cls, archive_url: str, meta: dict[str, Any], *, update: bool = True, break_lease: bool = False
+    ) -> PatchIndex:
+        """Load the index (bringing it up to date first when the archive has unindexed patch files).
+
+        Args:
+            update: update a stale index (under the archive's lease); ``False`` raises :class:`StaleIndexError`.
+
+        Raises:
+            StaleIndexError: the index is stale and ``update`` is false, or the archive has no patch table.
+        """
+        status = index_status(archive_url, meta)
+        if not committed_files(meta):
+            raise StaleIndexError(
+                f"{archive_url} has no patch table (an archive written before patch tables existed, or an empty one); "
+                f"run `skypipe archive index {archive_url}` to build it"
+            )
+        if not status.fresh:
+            if not update:
+                raise StaleIndexError(
+                    f"the patch index of {archive_url} is stale ({status.describe()}); run `skypipe archive index "
+                    f"{archive_url}` to update it"
+                )
+            from pipeline.lease import OutputLease
+
+            log.warning("%s: %s; updating the index first", archive_url, status.describe())
+            with OutputLease(archive_url, what="embedding archive", force=break_lease):
+                update_index(archive_url, meta)
+        return cls.load(archive_url)
+
+    @classmethod
+    def load(cls, archive_url: str) -> PatchIndex:
+        """Load ``index.json``, the trained index and every shard (merged into one in-memory index)."""
+        faiss = _faiss()
+        start = time.perf_counter()
+        state = read_state(archive_url)
+        if state is None:
+            raise StaleIndexError(f"{archive_url} has no patch index; run `skypipe archive index {archive_url}`")
+        index = faiss.deserialize_index(np.frombuffer(read_bytes(index_url(archive_url, "trained.faiss")), np.uint8))
+        shard_of, rows, ids, cols = [], [], [], {c: [] for c in META_COLUMNS}
+        for k, s in enumerate(state["shards"]):
+            part = faiss.deserialize_index(np.frombuffer(read_bytes(index_url(archive_url, s["file"])), np.uint8))
+            index.merge_from(part, 0)
+            table = read_file(archive_url, s["path"], META_COLUMNS)
+            for c in META_COLUMNS:
+                cols[c].append(table[c].to_numpy())
+            shard_of.append(np.full(s["rows"], k, np.int32))
+            rows.append(np.arange(s["rows"], dtype=np.int64))
+            ids.append(np.arange(s["start"], s["start"] + s["rows"], dtype=np.int64))
+        cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+        out = cls(archive_url, state, index, list(state["shards"]), cat(shard_of, np.int32), cat(rows, np.int64),
+                  cat(ids, np.int64), {c: cat(cols[c], np.float64) for c in META_COLUMNS})  # fmt: skip
+        out.load_seconds = time.perf_counter() - start
+        return out
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The provenance of the indexed vectors."""
+        return self.state["provenance"]
+
+    @property
+    def size(self) -> int:
+        """Indexed vectors."""
+        return len(self.ids)
+
+    def mosaic_of_rows(self) -> np.ndarray:
+        """``(n,)`` mosaic name of every row (object array)."""
+        names = np.array([s["mosaic"] for s in self.shards] or [""], dtype=object)
+        return names[self.shard_of]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), C)`` float32 stored (dequantised) vectors of metadata rows ``rows``, from the patch files."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), int(self.state["dim"])), np.float32)
+        for k in np.unique(self.shard_of[rows]):
+            sel = np.flatnonzero(self.shard_of[rows] == k)
+            table = read_file(self.archive_url, self.shards[k]["path"], ["vector", "scale"])
+            out[sel] = file_vectors(table.take(self.row_in_shard[rows[sel]]))
+        return out
+
+    def search(
+        self, queries: np.ndarray, k: int, *, mask: np.ndarray | None = None, nprobe: int | None = None,
+        exact_below: int = 50_000,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Top-``k`` rows by cosine similarity for each query.
+
+        Args:
+            queries: ``(q, C)`` query vectors (any length; normalised here).
+            mask: ``(n,)`` bool: only these rows may be returned (the prefilters).
+            nprobe: inverted lists to scan (default: the index's; scaled up by ``1 / selectivity`` under a mask, so
+                a narrow filter still finds its rows).
+            exact_below: a mask selecting at most this many rows is searched exactly over the stored vectors.
+
+        Returns:
+            ``(scores (q, k), rows (q, k))``: cosine similarities (descending) and metadata rows; ``-1`` / NaN pad
+            when fewer than ``k`` rows qualify.
+        """
+        faiss = _faiss()
+        q = normalise(np.atleast_2d(queries))
+        if q.shape[1] != int(self.state["dim"]):
+            raise ValueError(f"query vectors have {q.shape[1]} values, the index {self.state['dim']}")
+        n = self.size
+        nprobe = int(nprobe or self.state["nprobe"])
+        nlist = int(self.state["trained"]["nlist"])
+        if mask is not None:
+            selected = np.flatnonzero(mask)
+            if len(selected) <= exact_below:
+                return self._exact(q, k, selected)
+            nprobe = min(nlist, math.ceil(nprobe * n / len(selected)))
+            bits = np.zeros(int(self.state["next_id"]), dtype=bool)
+            bits[self.ids[selected]] = True
+            packed = np.packbits(bits, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(packed))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+            scores, labels = self.index.search(q, k, params=params)
+        else:
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist))
+            scores, labels = self.index.search(q, k, params=params)
+        return self._rows(scores, labels)
+
+    def _rows(self, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS ids -> metadata rows (ids are contiguous per shard)."""
+        starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
+        offsets = np.cumsum([0] + [s["rows"] for s in self.shards])[:-1]
+        ok = labels >= 0
+        k = np.searchsorted(starts, np.where(ok, labels, 0), side="right") - 1
+        rows = np.where(ok, offsets[np.clip(k, 0, None)] + labels - starts[np.clip(k, 0, None)], -1)
+        return np.where(ok, scores, np.nan).astype(np.float32), rows.astype(np.int64)
+
+    def _exact(self, q: np.ndarray, k: int, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine top-k over the stored vectors of ``selected`` rows."""
+        scores = np.full((len(q), k), np.nan, np.float32)
+        rows = np.full((len(q), k), -1, np.int64)
+        if len(selected) == 0:
+            return scores, rows
+        sims = q @ normalise(self.vectors(selected)).T  # (q, m)
+        kk = min(k, len(selected))
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        order = np.take_along_axis(sims, top, 1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, 1)
+        scores[:, :kk] = np.take_along_axis(sims, top, 1)
+        rows[:, :kk] = selected[top]
+        return scores, rows
+
+
+def index_exists(archive_url: str) -> bool:
+    """Whether the archive has an ``index/index.json``."""
+    return exists(index_url(archive_url, "index.json"))
