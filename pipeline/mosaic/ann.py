@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "index"
 INDEX_FORMAT = "skypipe-patch-index"
 INDEX_VERSION = 1
+KILL_AFTER_ENV = "SKYPIPE_FAULT_INDEX_KILL_AFTER"  # tests: SIGKILL this process after it committed N shards
 META_COLUMNS = ["prow", "pcol", "lon", "lat"]
 _IDENTITY = ("checkpoint_sha256", "preprocessing")
 
@@ -85,7 +86,7 @@ def auto_nlist(rows: int) -> int:
 
 def default_nprobe(nlist: int, settings: IndexSettings) -> int:
     """Lists probed per query unless the caller says otherwise."""
-    return nlist if nlist <= 16 else max(1, round(nlist * settings.recall_nprobe_share))
+    return nlist if nlist <= 16 else max(16, round(nlist * settings.recall_nprobe_share))
 
 
 def _faiss():
@@ -253,7 +254,7 @@ def update_index(
         remove(index_url(archive_url, s["file"]))
     state["shards"] = [s for s in state["shards"] if _key(s) in want]
     have = {_key(s) for s in state["shards"]}
-    trained_bytes = None
+    trained_bytes, written = None, 0
     for f in files:
         if _key(f) in have:
             continue
@@ -270,8 +271,21 @@ def update_index(
         state["shards"].append({**f, "start": start, "file": shard_file})
         state["next_id"] = start + len(x)
         write_json(index_url(archive_url, "index.json"), state, indent=1)  # this shard is committed
+        written += 1
+        _fault(written)
     log.info("%s: patch index holds %d vectors in %d shard(s)", archive_url, state["next_id"], len(state["shards"]))
     return state
+
+
+def _fault(shards: int) -> None:
+    """Kill this process (SIGKILL, no cleanup) once it committed ``$SKYPIPE_FAULT_INDEX_KILL_AFTER`` shards."""
+    import os
+
+    after = os.environ.get(KILL_AFTER_ENV)
+    if after and shards >= int(after):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _dimension(archive_url: str, files: list[dict[str, Any]]) -> int | None:

@@ -82,6 +82,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output folder: hits.parquet, query.json, quicklook.png")
     s.set_defaults(func=_search)
 
+    s = asub.add_parser("classify", help="few-shot class map from labelled points / polygons (a probe on embeddings)")
+    s.add_argument("archive")
+    s.add_argument("--labels", required=True, help="points or polygons with a class column (GeoJSON, GPKG, Parquet)")
+    s.add_argument("--class-column", default="class", help="(default: %(default)s)")
+    s.add_argument("--probe", choices=["logistic", "knn"], default="logistic", help="(default: %(default)s)")
+    s.add_argument("--mosaic", help="archive mosaic to map (default: the one holding most labels)")
+    s.add_argument("--out", required=True, help="output folder (COGs, polygons, areas, quicklook, probe.json)")
+    s.set_defaults(func=_classify)
+
+    s = asub.add_parser("change", help="cosine-distance change map and hotspots between two mosaics of one model")
+    s.add_argument("a", help="archive A")
+    s.add_argument("b", help="archive B (the same as A to compare two of its mosaics)")
+    s.add_argument("--a-mosaic", help="mosaic of A (default: its first)")
+    s.add_argument("--b-mosaic", help="mosaic of B (default: its first; its last when B is A)")
+    s.add_argument("--threshold", type=float, help="cosine distance above which a pixel changed (default: Otsu)")
+    s.add_argument("--min-area", type=float, default=0.0, help="drop hotspots smaller than this, m2")
+    s.add_argument("--out", required=True, help="output folder (distance.tif, hotspots.parquet, quicklook.png)")
+    s.set_defaults(func=_change)
+
     s = asub.add_parser("query", help="cosine-similarity map (COG + PNG) to a query point or vector")
     s.add_argument("archive")
     q = s.add_mutually_exclusive_group(required=True)
@@ -167,4 +186,24 @@ def _query(args: argparse.Namespace) -> int:
         vector=vector, mosaic=args.mosaic,
     )  # fmt: skip
     print("\n".join(paths))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.fewshot import classify_archive, format_report
+
+    report = classify_archive(args.archive, args.labels, args.out, class_column=args.class_column,
+                              mosaic=args.mosaic, probe=args.probe)  # fmt: skip
+    print("\n".join([*format_report(report), *report["area_lines"], *report["outputs"].values()]))
+    return 0
+
+
+def _change(args: argparse.Namespace) -> int:
+    from pipeline.mosaic.embchange import embedding_change
+
+    r = embedding_change(args.a, args.b, args.out, a_mosaic=args.a_mosaic, b_mosaic=args.b_mosaic,
+                         threshold=args.threshold, min_area_m2=args.min_area)  # fmt: skip
+    print(f"threshold {r['threshold']:.4f} ({r['method']}): {r['hotspots']} hotspot(s), "
+          f"{r['hotspot_area_m2'] / 1e6:.4f} km2, {100 * r['changed_share']:.1f} % of the pixels changed")  # fmt: skip
+    print("\n".join(r["outputs"].values()))
     return 0

