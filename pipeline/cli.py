@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "pipeline.model.commands",
     "pipeline.job.commands",
     "pipeline.mosaic.commands",
+    "pipeline.view.commands",
     "pipeline.train.commands",
     "pipeline.finetune.commands",
     "pipeline.eval.commands",
