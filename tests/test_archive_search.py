@@ -15,6 +15,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pyarrow.parquet as pq
+import pyproj
 import pytest
 from mosaic_fixtures import PROVENANCE, linear_model, load_s2_chip, write_tile_store
 
@@ -287,7 +288,10 @@ def test_search_cli_outputs_filters_and_bad_input(slovenia_archives, tmp_path, c
     assert "lon/lat (10.0, 50.0) has no patch" in error("--lonlat", "10", "50") and "covers lon" in error(
         "--lonlat", "10", "50"
     )
-    assert "no embedding (no data there)" in error("--lonlat", "14.5638", "45.8665")  # the cube's nodata corner
+    grid = PatchGrid.from_json(archive_meta(url)["sources"]["0000"]["patches"]["grid"])
+    x, y = grid.centres(np.array([grid.rows - 1]), np.array([grid.cols - 1]))  # the cube's nodata corner
+    lon, lat = pyproj.Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(x[0], y[0])
+    assert "no embedding (no data there)" in error("--lonlat", str(lon), str(lat))
     np.save(tmp_path / "q.npy", np.asarray(query["vector"], np.float32))
     assert "--trust-vector" in error("--vector", str(tmp_path / "q.npy"))
     assert cli(["archive", "search", url, "--vector", str(tmp_path / "q.npy"), "--trust-vector", "--out",

@@ -1,4 +1,4 @@
-"""Approximate nearest-neighbour index over an archive's patch vectors (FAISS inverted file, 8-bit scalar codes).
+"""Approximate nearest-neighbour index over an archive's patch vectors (FAISS inverted file, float16 codes).
 
 Layout (inside the archive folder)::
 
@@ -7,16 +7,19 @@ Layout (inside the archive folder)::
                                 the training record (rows, sample, nlist), default nprobe, next_id, and the shards in
                                 order: {mosaic, path (the patch file), rows, fingerprint (the mosaic's sources
                                 fingerprint), start (first id), file}
-    index/trained.faiss         the trained, empty index (coarse centroids + scalar-quantiser ranges)
+    index/trained.faiss         the trained, empty index (the coarse centroids)
     index/shards/<mosaic>/part-00000.faiss   one shard per patch file: its vectors under ids start .. start+rows-1
 
 Why this library and these settings: measured in ``benchmarks/bench_archive.py`` (results in
-``benchmarks/RESULTS.md``, "Archive search (issue 13)"). In short: on 1.28 M real 128-d embeddings an IVF index
-with 8-bit codes reaches recall@10 >= 0.95 at well over 50x the speed of exact search, builds in seconds rather than
-the minutes a graph index (HNSW: hnswlib, usearch, FAISS) takes on two cores, takes a quarter of the float32 size,
-and appends cheaply: a new patch file is encoded against the existing centroids into a new shard file, nothing else
-is rewritten. FAISS is also the one candidate with per-query ID filters (``IDSelectorBitmap``) inside the inverted
-lists, which the bounding-box, time and mosaic prefilters use.
+``benchmarks/RESULTS.md``, "Archive search (issue 13)"). In short, on real 128-d per-pixel embeddings: an IVF index
+with float16 codes (``IVF<nlist>,SQfp16``) reaches the recall of float32 lists (recall@10 >= 0.99 at nprobe =
+nlist / 64) at half their size and hundreds of times the speed of exact search; 8-bit codes (``SQ8``) stop at
+recall@10 ~0.91 however many lists are probed (neighbouring pixels' embeddings are nearly equal, and 8-bit noise
+reorders them); graph indexes (HNSW in hnswlib, usearch, FAISS) are as fast to query but take many times longer to
+build on two cores and cannot be split into per-file shards. IVF appends cheaply: a new patch file is encoded against
+the existing centroids into a new shard file, nothing else is rewritten. FAISS is also the one candidate with
+per-query ID filters (``IDSelectorBitmap``) inside the inverted lists, which the bounding-box, time and mosaic
+prefilters use.
 
 Updates are incremental and resumable: :func:`update_index` trains once (on a seeded sample of every patch file),
 then encodes the patch files the index does not hold yet, one shard at a time, rewriting ``index.json`` after each;
@@ -63,22 +66,25 @@ class StaleIndexError(LookupError):
 class IndexSettings:
     """How the index is built; the defaults are the benchmark's choice (``benchmarks/RESULTS.md``)."""
 
-    codes: str = "SQ8"  # FAISS encoding of the vectors in the inverted lists
+    codes: str = "SQfp16"  # FAISS encoding of the vectors in the inverted lists (SQ8 caps recall@10 at ~0.91)
     nlist: int | None = None  # inverted lists; None: :func:`auto_nlist`
     train_per_list: int = 64  # training vectors per list (sample = min(rows, train_per_list * nlist))
-    recall_nprobe_share: float = 1 / 64  # default nprobe = nlist * this (at least 1; all lists when nlist <= 16)
+    recall_nprobe_share: float = 1 / 64  # default nprobe = nlist * this (at least 16; all lists when nlist <= 16)
     retrain_growth: float = 4.0
     seed: int = 0
 
 
 def auto_nlist(rows: int) -> int:
-    """Inverted lists for ``rows`` vectors: about 2 sqrt(rows), a power of two, 1 for small archives.
+    """Inverted lists for ``rows`` vectors: about sqrt(rows), a power of two, 1 for small archives.
 
-    An archive of fewer than 2,048 patches gets one list: the index is then an exact search over 8-bit codes.
+    (Measured on real embeddings: sqrt(rows) lists probed 16 at a time already give recall@10 >= 0.99; twice as many
+    lists query a little faster but train k-means four times longer.)
+
+    An archive of fewer than 2,048 patches gets one list: the index is then an exact search over float16 codes.
     """
     if rows < 2048:
         return 1
-    nlist = int(2 ** round(math.log2(2 * math.sqrt(rows))))
+    nlist = int(2 ** round(math.log2(math.sqrt(rows))))
     while nlist > 1 and 39 * nlist > rows:  # FAISS's k-means wants at least 39 points per centroid
         nlist //= 2
     return nlist

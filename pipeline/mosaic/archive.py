@@ -17,7 +17,7 @@ Layout of ``{archive}`` (a local folder or fsspec URL)::
                               one folder per mosaic (:mod:`pipeline.mosaic.patches`); ``archive.json`` records the
                               patch settings (``patches``: size, min_valid, rows_per_file) and each mosaic's files
                               (``sources[<name>]["patches"]``)
-    index/                    approximate nearest-neighbour index over the patch vectors (:mod:`pipeline.mosaic.ann`),
+    index/                    nearest-neighbour index (FAISS IVF) over the patch vectors (:mod:`pipeline.mosaic.ann`),
                               updated after every build and append
 
 Quantization is affine per channel over the channel's valid range ``[lo, hi]``: ``q = round((x - lo) / scale) -

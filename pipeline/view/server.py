@@ -46,6 +46,8 @@ class ViewerState:
         self.max_features = max_features
         self._searchers: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # load the indexes now, off the request path, so the first click does not wait for them
+        threading.Thread(target=lambda: [self.searcher(a) for a in self.archives], daemon=True).start()
 
     def searcher(self, archive: str) -> Any:
         """The archive's :class:`~pipeline.mosaic.search.ArchiveSearcher` (index loaded once)."""
