@@ -6,7 +6,8 @@ nothing compares kind names. A kind declares:
 * ``product``: what its outputs are, written into the tile store's attributes so that the mosaic and quicklook stages
   read it from there: ``continuous`` (embeddings, regression: a value per channel), ``classes`` (per-pixel class
   probabilities: the mosaic adds a class map, COGs get a colour table, quicklooks a legend), ``tile_classes`` (one
-  class-probability vector per inference tile) or ``tile_labels`` (independent per-class probabilities per tile);
+  class-probability vector per inference tile), ``tile_labels`` (independent per-class probabilities per tile) or
+  ``boxes`` (scored, classed object boxes per tile, merged across tiles into one table);
 * ``periods``: how many time periods its model takes (change detection compares two);
 * ``takes_classes``, ``multi_label`` and the default class names;
 * ``fine_output``: dense outputs at the finest input resolution (HR maps for HR inputs) instead of the 10 m grid;
@@ -16,7 +17,7 @@ nothing compares kind names. A kind declares:
 * ``default_loss`` and ``metric_task``: how fine-tuning trains it (:mod:`pipeline.finetune.losses`) and which
   metrics score it (:mod:`pipeline.eval.metrics`).
 
-Adding a kind (detection is coming) is one subclass here, its head, and the writer of its outputs as a stage.
+Adding a kind is one subclass here, its head, and the writer of its outputs as a stage.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from pipeline.model.heads import TaskModel
     from pipeline.model.skysense import SkySenseV2
 
-Product = Literal["continuous", "classes", "tile_classes", "tile_labels"]
+Product = Literal["continuous", "classes", "tile_classes", "tile_labels", "boxes"]
 
 
 class OutputKind:
@@ -222,8 +223,37 @@ class MultiLabel(Classification):
         return scores.float().sigmoid()
 
 
+class Detection(OutputKind):
+    """Oriented (or horizontal) object boxes per class at the finest input resolution.
+
+    Raw outputs are box predictions (:class:`pipeline.model.heads.DetectionTask`); the actor decodes each tile's
+    boxes (score threshold, NMS) into the tile store, and a region job merges them across tiles (a global NMS, so
+    an object on a tile border is reported once) into a GeoParquet of oriented polygons, counts per class and a
+    quicklook with the boxes drawn over the imagery.
+    """
+
+    name = "detection"
+    product = "boxes"
+    takes_classes = True
+    fine_output = True
+    default_loss = "detection"
+    metric_task = "detection"
+
+    def task(self, model, num_classes=None, class_names=None, **head):  # noqa: D102
+        from pipeline.model.heads import DetectionTask
+
+        names = self.class_names(num_classes, class_names)
+        assert names is not None
+        return DetectionTask(model, len(names), names, **head)
+
+    def post_stages(self):  # noqa: D102
+        from pipeline.job.stages import DetectionQuicklookStage, DetectionsStage
+
+        return [DetectionsStage, DetectionQuicklookStage]
+
+
 KINDS: dict[str, OutputKind] = {
-    k.name: k() for k in (Embeddings, Segmentation, Change, Regression, Classification, MultiLabel)
+    k.name: k() for k in (Embeddings, Segmentation, Change, Regression, Classification, MultiLabel, Detection)
 }
 """Every output kind by name."""
 

@@ -159,7 +159,7 @@ def test_task_heads_produce_grid_maps() -> None:
     with pytest.raises(ValueError, match="needs two inputs"):
         change(inputs)
     with pytest.raises(ValueError, match="unknown output kind"):
-        build_task("detection", model)
+        build_task("panoptic", model)  # (detection, once the example here, is a kind now)
 
 
 def test_model_info_cli(capsys) -> None:

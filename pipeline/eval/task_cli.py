@@ -1,10 +1,11 @@
-"""``skypipe eval classification|multilabel|segmentation|change|regression``: score a fine-tuned checkpoint.
+"""``skypipe eval classification|multilabel|segmentation|change|regression|detection``: score a fine-tuned checkpoint.
 
 ``--test`` is a data-spec YAML (any format of :mod:`pipeline.finetune.data`; its ``--split``, default ``test``) or a
 folder in the layout of the task (class folders for classification, ``A/ B/ label/`` for change, BigEarthNet patch
-folders for multilabel; every sample of the folder is scored). The per-class table is printed, then the overall
-numbers, and as the last line the headline metric (``accuracy 0.8123``); ``--bootstrap N`` adds a 95 % interval
-(samples resampled, :func:`pipeline.eval.metrics.bootstrap_ci`), ``--report PATH`` writes JSON and a figure.
+folders for multilabel, DOTA ``images/ labelTxt/`` for detection; every sample of the folder is scored). The
+per-class table is printed, then the overall numbers, and as the last line the headline metric (``accuracy 0.8123``,
+``map50 0.4321``); ``--bootstrap N`` adds a 95 % interval (samples resampled,
+:func:`pipeline.eval.metrics.bootstrap_ci`), ``--report PATH`` writes JSON and a figure.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-TASK_FORMATS = {"classification": "class_folders", "change": "change_folders", "multilabel": "bigearthnet"}
+TASK_FORMATS = {"classification": "class_folders", "change": "change_folders", "multilabel": "bigearthnet",
+                "detection": "dota"}  # fmt: skip
 """The folder layout ``--test FOLDER`` is read as, per task (other tasks need a data-spec YAML)."""
+NAMED_BY_CHECKPOINT = ("dota",)
+"""Folder formats whose classes are the checkpoint's (object classes: a test folder may hold only some of them)."""
 
 
-def data_spec_for_test(task: str, test: str, size: int | None, gsd: float | None) -> tuple[Any, str]:
-    """The data spec and split to score: from a YAML file, or a whole folder in the task's layout."""
+def data_spec_for_test(task: str, test: str, size: int | None, gsd: float | None,
+                       classes: list[str] | None = None) -> tuple[Any, str]:  # fmt: skip
+    """The data spec and split to score: from a YAML file, or a whole folder in the task's layout.
+
+    ``classes`` (the checkpoint's) name the classes of folder formats in :data:`NAMED_BY_CHECKPOINT`.
+    """
     import yaml
 
     from pipeline.finetune.data import parse_data_spec
@@ -34,6 +42,8 @@ def data_spec_for_test(task: str, test: str, size: int | None, gsd: float | None
         raise FileNotFoundError(f"test folder {test!r} not found")
     data: dict[str, Any] = {"format": TASK_FORMATS[task], "path": str(path), "split": {"fractions": [1, 0, 0]}}
     data |= {k: v for k, v in (("size", size), ("gsd", gsd)) if v is not None}
+    if classes is not None and TASK_FORMATS[task] in NAMED_BY_CHECKPOINT:
+        data["classes"] = list(classes)
     return parse_data_spec(data, source=str(path)), "train"  # the whole folder is one split
 
 
@@ -51,7 +61,7 @@ def _eval(args: argparse.Namespace) -> int:
         have = resolved.meta.kind if resolved.meta else "no fine-tuned task (a plain backbone)"
         raise ValueError(f"{args.checkpoint} cannot do {args.task}: it has {have}; use `skypipe eval {have}` or "
                          "fine-tune a checkpoint for this task (skypipe finetune)")  # fmt: skip
-    spec, split = data_spec_for_test(args.task, args.test, args.size, args.gsd)
+    spec, split = data_spec_for_test(args.task, args.test, args.size, args.gsd, resolved.class_names)
     config = resolved.config
     wanted = resolved.meta.modalities if resolved.meta and resolved.meta.modalities else list(config.modality_names)
     specs = {m: config.modality(m) for m in wanted}

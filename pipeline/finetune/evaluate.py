@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.eval.metrics import TASK_METRICS, TaskMetric
-from pipeline.finetune.sample import batch_inputs, collate
+from pipeline.finetune.sample import batch_inputs, collate, to_device
 from pipeline.kinds import OutputKind
 from pipeline.model.heads import TaskModel
 
@@ -47,6 +47,18 @@ def predict(task: TaskModel, batch: dict[str, Any], device: torch.device) -> tor
     return task(periods[0], periods[1] if len(periods) > 1 else None)
 
 
+EVAL_SCORE_THRESHOLD = 0.01
+"""Detections are scored from this score on: average precision ranks every detection, so evaluation must not cut
+them at a region job's operating threshold."""
+
+
+def scored(task: TaskModel, out: torch.Tensor) -> Any:
+    """What the metric scores: the raw outputs, or the decoded boxes of a box-predicting (detection) task."""
+    if getattr(task, "boxes", False):
+        return task.decode(out, score_threshold=EVAL_SCORE_THRESHOLD)  # type: ignore[operator]
+    return out.float()
+
+
 @torch.no_grad()
 def evaluate(
     task: TaskModel,
@@ -75,7 +87,7 @@ def evaluate(
                 if max_batches is not None and i >= max_batches:
                     break
                 out = predict(task, batch, device)
-                metric.update(out.float(), batch["label"].to(device))
+                metric.update(scored(task, out), to_device(batch["label"], device))
     finally:
         task.train(was_training)
     return metric

@@ -30,7 +30,7 @@ from pipeline.finetune.data import label_stats, open_dataset
 from pipeline.finetune.evaluate import evaluate, predict
 from pipeline.finetune.losses import auto_class_weights, make_loss
 from pipeline.finetune.model import build_model, load_backbone, lora_config, set_train_mode, trainable_summary
-from pipeline.finetune.sample import collate
+from pipeline.finetune.sample import collate, to_device
 from pipeline.finetune.spec import FinetuneSpec
 from pipeline.model.checkpoint import read_checkpoint, write_payload
 from pipeline.palette import default_colors
@@ -170,7 +170,7 @@ def train_step(run: Run, step: int, batch: dict[str, Any]) -> dict[str, float]:
     set_train_mode(run.task, spec.adapt.mode)
     run.optimizer.zero_grad(set_to_none=True)
     out = predict(run.model, batch, run.device)
-    loss = run.loss(out, batch["label"].to(run.device))
+    loss = run.loss(out, to_device(batch["label"], run.device))
     loss.backward()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     grad = torch.nn.utils.clip_grad_norm_(params, o.clip_grad or float("inf"))

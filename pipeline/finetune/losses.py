@@ -1,7 +1,8 @@
 """Losses of the fine-tuning tasks, all respecting unlabelled pixels (``IGNORE`` labels, NaN values).
 
 ``ce`` cross-entropy (classes; per-pixel for maps), ``bce`` binary cross-entropy per class (multi-label), ``dice``
-soft Dice over classes (maps; robust to rare classes), ``ce+dice`` their sum, ``mse`` / ``l1`` for regression.
+soft Dice over classes (maps; robust to rare classes), ``ce+dice`` their sum, ``mse`` / ``l1`` for regression,
+``detection`` (object boxes: focal + ProbIoU + centerness, :mod:`pipeline.finetune.detection`).
 Class weights (optional) scale the cross-entropy per class; ``auto`` is the inverse square root of the training
 labels' class frequencies, normalised to mean 1 [ours: a softer balance than plain inverse frequency, which makes
 very rare classes dominate a small data set].
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from pipeline.finetune.sample import IGNORE
 
-LOSSES = ("ce", "bce", "dice", "ce+dice", "mse", "l1")
+LOSSES = ("ce", "bce", "dice", "ce+dice", "mse", "l1", "detection")
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -48,6 +49,12 @@ def dice_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def make_loss(name: str, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0) -> Loss:
     """The loss ``name`` as ``loss(outputs, labels) -> scalar`` (see the module docstring)."""
+    if name == "detection":
+        from pipeline.finetune.detection import DetectionLoss
+
+        if class_weights is not None or label_smoothing:
+            raise ValueError("the detection loss takes no class_weights or label_smoothing (its focal term balances)")
+        return DetectionLoss()
     weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
 
     def ce(out: Tensor, y: Tensor) -> Tensor:
@@ -75,4 +82,11 @@ def make_loss(name: str, class_weights: Sequence[float] | None = None, label_smo
     }  # fmt: skip
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSSES)}")
-    return losses[name]
+    chosen = losses[name]
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        if isinstance(y, dict):
+            raise ValueError(f"loss {name!r} does not fit object boxes (a detection task): use loss detection")
+        return chosen(out, y)
+
+    return loss

@@ -33,7 +33,7 @@ import torch
 from pipeline import storage
 from pipeline.infer.params import InferenceParams
 from pipeline.infer.reader import CubeReader, TileInputs
-from pipeline.infer.store import TileManifest, open_for_writing, tiles_url, write_tile
+from pipeline.infer.store import TileManifest, open_for_writing, tiles_url, write_detections, write_tile
 from pipeline.infer.task import resolve_task
 from pipeline.infer.tiling import Tile
 from pipeline.model.skysense import ModalityInput
@@ -195,11 +195,17 @@ class TileProcessor:
         }  # fmt: skip
 
     def _write(self, item: TileInputs, out: np.ndarray, attempt: int, seconds: float) -> dict[str, Any]:
-        """Write one tile: a map ``(K, h, w)`` (cut to the grid) into data/valid/pooled, or a vector ``(K,)``."""
+        """Write one tile: a map ``(K, h, w)`` (cut to the grid) into data/valid/pooled, or a vector ``(K,)``.
+
+        A box-predicting task's raw ``(N, C)`` outputs are decoded and written by :meth:`_write_boxes`.
+        """
         start = time.perf_counter()
         r = self.ratio
         valid = item.valid.repeat(r, axis=0).repeat(r, axis=1) if r > 1 else item.valid  # (S, S) output pixels
-        if out.ndim == 1:  # one vector per tile (scene classification): no map to store
+        extra: dict[str, Any] = {}
+        if getattr(self.task, "boxes", False):
+            extra["detections"] = self._write_boxes(item, out, valid)
+        elif out.ndim == 1:  # one vector per tile (scene classification): no map to store
             write_tile(self.group, item.tile.id, None, valid.astype(np.uint8), out.astype(np.float32))
         else:
             (h, w), S = (e * r for e in item.extent), self.tile_size
@@ -208,10 +214,37 @@ class TileProcessor:
             data = np.where(valid[None], out_KSS, np.nan).astype(np.float32)
             pooled = out_KSS[:, valid].mean(axis=1).astype(np.float32)
             write_tile(self.group, item.tile.id, data, valid.astype(np.uint8), pooled)
-        rec = self._record(item.tile.id, attempt, "done", seconds, valid_fraction=round(float(valid.mean()), 6))
+        rec = self._record(item.tile.id, attempt, "done", seconds, valid_fraction=round(float(valid.mean()), 6),
+                           **extra)  # fmt: skip
         self.manifest.write(rec)  # after the arrays: "done" means complete
         self.stats["write_s"] += time.perf_counter() - start
         return rec
+
+    def _write_boxes(self, item: TileInputs, raw: np.ndarray, valid: np.ndarray) -> int:
+        """Decode one tile's boxes and write them with its arrays; returns how many.
+
+        Decoding uses the head's score threshold and NMS; the boxes centred on valid pixels of the tile's part of the
+        grid are kept and moved onto the output grid. ``pooled`` gets the tile's objects per class.
+        """
+        task: Any = self.task
+        det = task.decode(torch.from_numpy(raw)[None])[0]
+        boxes, scores, classes = det["boxes"], det["scores"], det["classes"]
+        h, w = (e * self.ratio for e in item.extent)
+        col, row = np.floor(boxes[:, 0]).astype(np.int64), np.floor(boxes[:, 1]).astype(np.int64)
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        inside[inside] &= valid[row[inside], col[inside]].astype(bool)
+        boxes, scores, classes = boxes[inside], scores[inside], classes[inside]
+        r0, c0 = (int(v) for v in self.origins[item.tile.id])  # the tile's origin on the output grid
+        table = {
+            "tile_id": np.full(len(scores), item.tile.id), "det": np.arange(len(scores)), "class_id": classes,
+            "score": scores, "cx": boxes[:, 0] + c0, "cy": boxes[:, 1] + r0, "w": boxes[:, 2], "h": boxes[:, 3],
+            "angle": boxes[:, 4],
+        }  # fmt: skip
+        meta = {"score_threshold": task.score_threshold, "nms_iou": task.nms_iou, "oriented": task.oriented}
+        pooled = np.bincount(classes, minlength=task.out_channels)[: task.out_channels].astype(np.float32)
+        write_tile(self.group, item.tile.id, None, valid.astype(np.uint8), pooled)
+        write_detections(self.output_url, item.tile.id, table, meta)
+        return len(scores)
 
     def process(self, work: Work) -> list[dict[str, Any]]:
         """Run a batch of ``(tile_id, attempt)``; returns one record per tile (``done``, ``skipped`` or ``error``).

@@ -19,18 +19,22 @@ This module is the only one that knows the layout; the inference actors write th
                 products (``tile_classes``, ``tile_labels``) the tile's own vector, and ``data`` stays empty
     manifest/tiles/<tile_id>.json   {tile_id, index, origin, status: done|skipped|failed, reason, error, attempts,
                                      seconds, valid_fraction, worker, finished_at}
+    detections/<tile_id>.parquet    box products (``boxes``, detection) only: the tile's decoded objects, one row each
+                                    (see :data:`DETECTION_COLUMNS`); ``pooled`` holds the tile's objects per class
 
 One chunk per tile, so every tile write is chunk-aligned and concurrent writers never touch the same chunk. A
-manifest record is written atomically only after the tile's arrays, so "done" in the manifest means the arrays are
-complete; tiles never written read back as fill. Tile ids are the rows of the arrays.
+manifest record is written atomically only after the tile's arrays (and its detections file), so "done" in the
+manifest means the tile is complete; tiles never written read back as fill. Tile ids are the rows of the arrays. A
+detections file is written atomically and whole; a tile rerun after a kill rewrites it with the same content.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +183,66 @@ class TileManifest:
             rec = json.loads(blobs[path])
             records[int(rec["tile_id"])] = rec
         return records
+
+
+DETECTIONS = "detections"
+DETECTION_COLUMNS: dict[str, str] = {
+    "tile_id": "int64", "det": "int32", "class_id": "int32", "score": "float32",
+    "cx": "float64", "cy": "float64", "w": "float64", "h": "float64", "angle": "float64",
+}  # fmt: skip
+"""Columns of a tile's detections: the tile, the object's index in it (by descending score), its class index and
+score, and its box on the store's output grid: centre column / row, width, height in output pixels and the angle of
+the width side from +column towards +row in radians (:mod:`pipeline.geometry.boxes`' convention). The grid transform
+(``attrs["grid"]``) maps them to the CRS."""
+
+
+def detections_url(output_url: str, tile_id: int) -> str:
+    """The detections file of ``tile_id``."""
+    return storage.join(output_url, DETECTIONS, f"{int(tile_id)}.parquet")
+
+
+def write_detections(output_url: str, tile_id: int, table: Mapping[str, np.ndarray],
+                     meta: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    """Write one tile's detections (columns of :data:`DETECTION_COLUMNS`, any number of rows) atomically.
+
+    ``meta`` (e.g. the decoding thresholds) goes into the file's schema metadata. Call it before the tile's
+    manifest record.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = set(DETECTION_COLUMNS) - set(table)
+    if missing:
+        raise ValueError(f"detections of tile {tile_id} lack columns {sorted(missing)}")
+    arrays = {k: pa.array(np.asarray(table[k]).astype(t)) for k, t in DETECTION_COLUMNS.items()}
+    schema_meta = {b"skypipe": json.dumps(_jsonable(dict(meta or {}))).encode()}
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(arrays).replace_schema_metadata(schema_meta), buffer)
+    storage.write_bytes(detections_url(output_url, tile_id), buffer.getvalue())
+
+
+def read_detections(output_url: str, tile_ids: Sequence[int]) -> tuple[Any, dict[str, Any]]:
+    """The detections of ``tile_ids`` (done tiles) as one pandas table in tile order, and the files' metadata.
+
+    Raises:
+        FileNotFoundError: a done tile without its detections file (a store of another layout, or tampered with).
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    urls = [detections_url(output_url, t) for t in tile_ids]
+    fs, _ = fsspec.core.url_to_fs(output_url)
+    paths = [fsspec.core.url_to_fs(u)[1] for u in urls]
+    blobs = fs.cat(paths) if paths else {}
+    frames, meta = [], {}
+    for t, path in zip(tile_ids, paths):
+        if path not in blobs:
+            raise FileNotFoundError(f"tile {t} is done but its detections file {path} is missing")
+        table = pq.read_table(io.BytesIO(blobs[path]))
+        meta = meta or json.loads((table.schema.metadata or {}).get(b"skypipe", b"{}"))
+        frames.append(table.to_pandas())
+    empty = pd.DataFrame({k: pd.Series(dtype=t) for k, t in DETECTION_COLUMNS.items()})
+    return (pd.concat(frames, ignore_index=True) if frames else empty), meta
 
 
 def counts(records: Mapping[int, Mapping[str, Any]], total: int) -> dict[str, int]:

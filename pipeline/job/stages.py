@@ -3,7 +3,8 @@
 ``cube`` (build or resume the Zarr cube) -> ``inference`` (tiles on Ray actors) -> the stages the output kind
 declares (:meth:`pipeline.kinds.OutputKind.post_stages`): ``mosaic``, ``cog``, ``classes`` (class map with its colour
 table), ``archive`` (embeddings), ``quicklook``, and for class products ``areas`` (km2 per class), ``polygons``
-(class polygons as GeoParquet) and ``tile_labels`` (one label per tile, classification). A stage after inference is
+(class polygons as GeoParquet) and ``tile_labels`` (one label per tile, classification); for object boxes
+``detections`` (merged across tiles into GeoParquet) and a ``quicklook`` of the boxes. A stage after inference is
 up to date when the finished tiles have not changed since it last ran and its outputs exist
 (:class:`pipeline.job.record.ResumeRecord`). The writing itself lives in :mod:`pipeline.mosaic`; a stage only says
 where, and which lines it adds to the run's summary (:meth:`PostStage.summary`).
@@ -360,6 +361,64 @@ class TileLabelsStage(PostStage):
         from pipeline.mosaic.tables import format_label_counts, tile_label_counts
 
         return format_label_counts(*tile_label_counts(self.outputs()["tile_labels"]))
+
+
+class DetectionsStage(PostStage):
+    """The tiles' object boxes merged across tile borders (a global NMS) into one GeoParquet of oriented polygons."""
+
+    name = "detections"
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.detections import DETECTIONS
+
+        return {"detections": self.ctx.path(DETECTIONS)}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        from pipeline.mosaic.detections import write_detections_table
+
+        url, _ = write_detections_table(self.ctx.tiles, self.outputs()["detections"], job=str(self.ctx.job.name))
+        return {"detections": url}
+
+    def summary(self) -> list[str]:  # noqa: D102
+        from pipeline.infer.store import open_tile_store
+        from pipeline.mosaic.detections import format_counts, read_class_counts
+
+        names = open_tile_store(self.ctx.tiles).class_names
+        return format_counts(read_class_counts(self.outputs()["detections"], names))
+
+
+class DetectionQuicklookStage(PostStage):
+    """A PNG of the scene (the cube's RGB picture of its finest modality) with the merged boxes drawn per class."""
+
+    name = "quicklook"
+    max_size: ClassVar[int] = 1024
+
+    def outputs(self) -> dict[str, str]:  # noqa: D102
+        return {"quicklook": self.ctx.path("quicklook.png")}
+
+    def write(self) -> dict[str, str]:  # noqa: D102
+        import math
+
+        import geopandas as gpd
+        from affine import Affine
+
+        from pipeline.cube.layout import open_modality
+        from pipeline.cube.quicklook import quicklook_array
+        from pipeline.infer.store import open_tile_store
+        from pipeline.mosaic.detections import DETECTIONS, draw_detections
+        from pipeline.mosaic.quicklook import save_png, with_legend
+
+        cube, job = self.ctx.job.cube.path, self.ctx.job
+        grids = {m: open_modality(cube, m) for m in job.modalities}
+        modality = min(grids, key=lambda m: abs(grids[m].rio.transform().a))  # the finest: HR when present
+        ds = grids[modality]
+        step = max(1, math.ceil(max(ds.sizes["y"], ds.sizes["x"]) / self.max_size))
+        rgb = quicklook_array(cube, modality, self.max_size)
+        store = open_tile_store(self.ctx.tiles)
+        names, colors = store.class_names or [], store.class_colors
+        table = gpd.read_parquet(self.ctx.path(DETECTIONS)).to_crs(ds.rio.crs)
+        rgba = draw_detections(rgb, ds.rio.transform() * Affine.scale(step), table, names, colors)
+        return {"quicklook": save_png(with_legend(rgba, names, colors), self.outputs()["quicklook"])}
 
 
 def job_stages(ctx: JobContext) -> list[Stage]:

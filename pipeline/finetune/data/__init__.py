@@ -1,7 +1,7 @@
 """Labelled data for fine-tuning: a typed data spec per on-disk format, and adapters that return samples.
 
-* :mod:`.spec`: the data spec (``class_folders``, ``raster_pairs``, ``change_folders``, ``bigearthnet``, ``cube``),
-  validated once at the edge;
+* :mod:`.spec`: the data spec (``class_folders``, ``raster_pairs``, ``change_folders``, ``bigearthnet``, ``cube``,
+  and the object-box formats ``dota``, ``voc``, ``vector_boxes`` of :mod:`.boxes`), validated once at the edge;
 * :func:`open_dataset`: one split of a dataset as a :class:`LabelledSource` of samples in the contract of
   :mod:`pipeline.finetune.sample`, normalised for the model's bands; :func:`label_stats` for class weights;
 * shared pieces: :mod:`.splits` (explicit, seeded, stratified, spatially blocked), :mod:`.geometry` (views, zoom,

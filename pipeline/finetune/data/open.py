@@ -11,10 +11,22 @@ from pipeline.modalities import ModalitySpec
 
 from .bigearthnet import BigEarthNetLabelled
 from .cube import CubeLabelled
+from .dota import DotaSource
 from .folders import ChangeFoldersSource, ClassFoldersSource
 from .rasters import RasterPairsSource
 from .source import LabelledSource, split_index
-from .spec import BigEarthNetSpec, ChangeFoldersSpec, ClassFoldersSpec, CubeDataSpec, RasterPairsSpec
+from .spec import (
+    BigEarthNetSpec,
+    ChangeFoldersSpec,
+    ClassFoldersSpec,
+    CubeDataSpec,
+    DotaSpec,
+    RasterPairsSpec,
+    VectorBoxesSpec,
+    VocSpec,
+)
+from .vector_boxes import VectorBoxesSource
+from .voc import VocSource
 
 ADAPTERS: dict[type, type[LabelledSource]] = {
     ClassFoldersSpec: ClassFoldersSource,
@@ -22,6 +34,9 @@ ADAPTERS: dict[type, type[LabelledSource]] = {
     ChangeFoldersSpec: ChangeFoldersSource,
     BigEarthNetSpec: BigEarthNetLabelled,
     CubeDataSpec: CubeLabelled,
+    DotaSpec: DotaSource,
+    VocSpec: VocSource,
+    VectorBoxesSpec: VectorBoxesSource,
 }
 """The adapter class of each spec type (a new format is one spec model and one adapter)."""
 
@@ -60,7 +75,8 @@ def label_stats(source: LabelledSource) -> dict[str, Any]:
     """Label statistics of a source, for class weights and the checkpoint's provenance.
 
     Returns:
-        classification / segmentation / change: ``counts`` (samples or labelled pixels per class), ``frequencies``
+        classification / segmentation / change / detection: ``counts`` (samples, labelled pixels or objects per
+        class), ``frequencies``
         and ``weights`` (median-frequency balancing: ``median(f) / f``, 0 for absent classes); multilabel: positives
         per class, their frequencies over samples and ``pos_weight`` (negatives / positives, for BCE); regression:
         ``count``, ``mean``, ``std``, ``min``, ``max`` of the labelled values.

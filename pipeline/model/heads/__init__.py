@@ -1,4 +1,4 @@
-"""Task models on top of the feature API (:mod:`.base`, :mod:`.dense`, :mod:`.pooled`) and :func:`build_task`.
+"""Task models on the feature API (:mod:`.base`, :mod:`.dense`, :mod:`.pooled`, :mod:`.detection`), :func:`build_task`.
 
 Which task model an output kind uses is the kind's decision (:meth:`pipeline.kinds.OutputKind.task`);
 :func:`build_task` adds seeding, the head's saved configuration and trained head weights.
@@ -18,13 +18,14 @@ from pipeline.kinds import OutputKind, get_kind
 from ..skysense import SkySenseV2
 from .base import EmbeddingTask, TaskModel, output_size, pyramid
 from .dense import ChangeTask, PyramidDecoder, RegressionTask, SegmentationTask
+from .detection import DetectionHead, DetectionTask
 from .pooled import CellPool, ClassificationTask, MultiLabelTask
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CellPool", "ChangeTask", "ClassificationTask", "EmbeddingTask", "MultiLabelTask", "PyramidDecoder",
-    "RegressionTask", "SegmentationTask", "TaskModel", "build_task", "output_size", "pyramid",
+    "CellPool", "ChangeTask", "ClassificationTask", "DetectionHead", "DetectionTask", "EmbeddingTask", "MultiLabelTask",
+    "PyramidDecoder", "RegressionTask", "SegmentationTask", "TaskModel", "build_task", "output_size", "pyramid",
 ]  # fmt: skip
 
 
