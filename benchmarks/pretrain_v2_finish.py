@@ -4,9 +4,11 @@
     python benchmarks/pretrain_v2_finish.py --test                # + pick the best on VAL, export it, score on TEST
     python benchmarks/pretrain_v2_finish.py --test --ship         # + copy it to checkpoints/ if it beats the old one
 
-Run it from the repository root, niced (``nice -n 19``), as often as wanted: checkpoints already scored are
-skipped (their results stay in ``<storage>/val/step_<N>.json``). The pick is the step with the best VAL kNN on the
-scale-shifted views (ties: VAL kNN at zoom 1, then the later step); TEST is touched only for the picked teacher.
+Run it from the repository root, niced (``nice -n 19``), as often as wanted (benchmarks/pretrain_v2_run.sh runs it
+every 10 minutes during training): every checkpoint whose step is a multiple of ``--every`` (and the last) is scored
+once; its result and its exported EMA teacher stay in ``<storage>/val/step_<N>.json`` / ``teacher_<N>.pt``, so the
+training run may delete the checkpoint afterwards. The pick is the step with the best VAL kNN on the scale-shifted
+views (ties: VAL kNN at zoom 1, then the later step); TEST is touched only for the picked teacher.
 Shipping needs ``outputs/protocol/old-test.json`` (the shipped checkpoint scored on TEST) and copies the candidate
 to ``checkpoints/skysense_v2_tiny_ssl.pt`` only when its TEST kNN on the shifted views is higher; the model card and
 benchmarks/RESULTS.md are then updated by hand from the printed tables and the JSON files.
@@ -18,11 +20,11 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline.eval.protocol import format_table, run_protocol
 from pipeline.model.checkpoint import read_checkpoint
+from pipeline.train.spec import load_pretrain_spec
 from pipeline.train.state import export_model, list_checkpoints
 
 SHIPPED = Path("checkpoints/skysense_v2_tiny_ssl.pt")
@@ -36,21 +38,20 @@ def export_teacher(path: str, out: Path) -> None:
     export_model(path, str(out), which="teacher", provenance=prov)
 
 
-def score_val(storage: str, linear: bool) -> dict[int, dict]:
-    """VAL results of every checkpoint of the run (computing the missing ones)."""
+def score_val(storage: str, linear: bool, every: int, last: int | None) -> dict[int, dict]:
+    """VAL results of the run's scored steps (computing those of new checkpoints); their teachers are kept."""
     out = Path(storage) / "val"
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
     for step, path in list_checkpoints(storage):
         f = out / f"step_{step:07d}.json"
-        if not f.exists():
-            with tempfile.TemporaryDirectory() as tmp:
-                export_teacher(path, Path(tmp) / "teacher.pt")
-                r = run_protocol("val", checkpoint=str(Path(tmp) / "teacher.pt"), linear=linear, log=None)
-            r["model"]["checkpoint"] = f"{path} (EMA teacher)"
-            f.write_text(json.dumps(r, indent=1))
-        results[step] = json.loads(f.read_text())
-    return results
+        if f.exists() or (step % every and step != last):
+            continue
+        teacher = out / f"teacher_{step:07d}.pt"
+        export_teacher(path, teacher)
+        r = run_protocol("val", checkpoint=str(teacher), linear=linear, log=None)
+        r["model"]["checkpoint"] = f"{path} (EMA teacher)"
+        f.write_text(json.dumps(r, indent=1))
+    return {int(f.stem.split("_")[1]): json.loads(f.read_text()) for f in sorted(out.glob("step_*.json"))}
 
 
 COLUMNS = (("kNN 1x", "rsscn7/knn/plain"), ("kNN shifted", KEY), ("linear 1x", "rsscn7/linear/plain"),
@@ -79,27 +80,29 @@ def pick(results: dict[int, dict]) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--storage", default="outputs/pretrain-tiny-v2")
+    p.add_argument("--job", default="jobs/pretrain-tiny-v2.yaml", help="the run's pre-training spec")
     p.add_argument("--random-val", default="outputs/protocol/random-val.json")
     p.add_argument("--random-test", default="outputs/protocol/random-test.json")
     p.add_argument("--old-test", default="outputs/protocol/old-test.json")
     p.add_argument("--quick", action="store_true", help="VAL without the linear probe")
+    p.add_argument("--every", type=int, default=250, help="score the checkpoints of every N-th step (and the last)")
     p.add_argument("--test", action="store_true", help="pick on VAL, export and score on TEST")
     p.add_argument("--ship", action="store_true", help="copy to checkpoints/ if it beats the old one on TEST")
     args = p.parse_args()
     load = lambda f: json.loads(Path(f).read_text()) if Path(f).exists() else None  # noqa: E731
-    results = score_val(args.storage, linear=not args.quick)
+    job = load_pretrain_spec(args.job)
+    storage = job.storage
+    results = score_val(storage, linear=not args.quick, every=args.every, last=job.steps)
     if not results:
-        print(f"no checkpoints under {args.storage}/checkpoints yet")
+        print(f"no scored checkpoints under {storage} yet")
         return 1
     print(curve(results, load(args.random_val)))
     best = pick(results)
     print(f"best on VAL: step {best}")
     if not args.test:
         return 0
-    path = dict(list_checkpoints(args.storage))[best]
-    cand = Path(args.storage) / "candidate.pt"
-    export_teacher(path, cand)
+    cand = Path(storage) / "candidate.pt"
+    shutil.copyfile(Path(storage) / "val" / f"teacher_{best:07d}.pt", cand)
     test = run_protocol("test", checkpoint=str(cand), log=None)
     test["model"]["picked_on_val"] = {"step": best, "val": results[best]["metrics"]}
     Path("outputs/protocol").mkdir(parents=True, exist_ok=True)
