@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from pipeline.modalities import GRID_GSD, ModalitySpec, get_modality
+from pipeline.ssl.regions import DEFAULT_NUM_REGIONS, unknown_region
 from pipeline.train.sources import (
     BigEarthNetSource,
     Sample,
@@ -181,7 +182,8 @@ class ZoomedFolder:
         x = torch.from_numpy(read_bands(path, self.spec))[None]  # (1, C, H, W)
         x = zoom_image(x, self.zoom, self.size, self.cell).clamp(0, 255)
         label = self.classes.index(path.relative_to(self.root).parts[0])
-        return {"hr": modality_entry(x, self.spec, self.gsd), "region": region_tensor(0), "label": torch.tensor(label)}
+        entry = modality_entry(x, self.spec, self.gsd)
+        return {"hr": entry, "region": region_tensor(unknown_region(DEFAULT_NUM_REGIONS)), "label": torch.tensor(label)}
 
 
 Pair = tuple[np.ndarray, np.ndarray]
