@@ -9,17 +9,20 @@ Layout (inside the archive folder)::
                                 fingerprint), start (first id), file}
     index/trained.faiss         the trained, empty index (the coarse centroids)
     index/shards/<mosaic>/part-00000.faiss   one shard per patch file: its vectors under ids start .. start+rows-1
+    index/shards/<mosaic>/part-00000.q.npy, .scale.npy   the same rows' int8 vectors and scales as plain arrays
+                                (memory-mapped: point lookups and exact search under narrow filters read a few rows
+                                in microseconds, where decoding the Parquet list column takes seconds per million)
 
 Why this library and these settings: measured in ``benchmarks/bench_archive.py`` (results in
 ``benchmarks/RESULTS.md``, "Archive search (issue 13)"). In short, on real 128-d per-pixel embeddings: an IVF index
-with float16 codes (``IVF<nlist>,SQfp16``) reaches the recall of float32 lists (recall@10 >= 0.99 at nprobe =
-nlist / 64) at half their size and hundreds of times the speed of exact search; 8-bit codes (``SQ8``) stop at
-recall@10 ~0.91 however many lists are probed (neighbouring pixels' embeddings are nearly equal, and 8-bit noise
-reorders them); graph indexes (HNSW in hnswlib, usearch, FAISS) are as fast to query but take many times longer to
-build on two cores and cannot be split into per-file shards. IVF appends cheaply: a new patch file is encoded against
-the existing centroids into a new shard file, nothing else is rewritten. FAISS is also the one candidate with
-per-query ID filters (``IDSelectorBitmap``) inside the inverted lists, which the bounding-box, time and mosaic
-prefilters use.
+with float16 codes (``IVF<nlist>,SQfp16``, about sqrt(n) lists, 16 of them probed) reaches the recall of float32
+lists (recall@10 0.997-0.998) at half their size and 200-300 times the speed of exact search; 8-bit codes (``SQ8``)
+stop at recall@10 ~0.91 however many lists are probed (neighbouring pixels' embeddings are nearly equal, and 8-bit
+noise reorders them); graph indexes (HNSW in hnswlib, usearch, FAISS) are as fast to query but take many times
+longer to build on two cores and cannot be split into per-file shards. IVF appends cheaply: a new patch file is
+encoded against the existing centroids into a new shard file, nothing else is rewritten. FAISS is also the one
+candidate with per-query ID filters (``IDSelectorBitmap``) inside the inverted lists, which the bounding-box, time
+and mosaic prefilters use.
 
 Updates are incremental and resumable: :func:`update_index` trains once (on a seeded sample of every patch file),
 then encodes the patch files the index does not hold yet, one shard at a time, rewriting ``index.json`` after each;
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 INDEX_FORMAT = "skypipe-patch-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 KILL_AFTER_ENV = "SKYPIPE_FAULT_INDEX_KILL_AFTER"  # tests: SIGKILL this process after it committed N shards
 META_COLUMNS = ["prow", "pcol", "lon", "lat"]
 _IDENTITY = ("checkpoint_sha256", "preprocessing")
@@ -171,6 +174,10 @@ def index_status(archive_url: str, meta: dict[str, Any], state: dict[str, Any] |
     files = committed_files(meta)
     if state is None:
         return IndexStatus(missing=files, reason="the archive has no patch index" if files else None)
+    if state.get("version") != INDEX_VERSION:
+        return IndexStatus(
+            missing=files, reason=f"the index has format version {state.get('version')}, not {INDEX_VERSION}"
+        )
     if _identity(state["provenance"]) != _identity(meta["provenance"]):
         return IndexStatus(missing=files, reason="the index was built from another model's or preprocessing's vectors")
     have = {_key(s) for s in state["shards"]}
@@ -257,7 +264,9 @@ def update_index(
     want = {_key(f) for f in files}
     dropped = [s for s in state["shards"] if _key(s) not in want]
     for s in dropped:
-        remove(index_url(archive_url, s["file"]))
+        stem = s["file"].rsplit(".", 1)[0]
+        for name in (s["file"], f"{stem}.q.npy", f"{stem}.scale.npy"):
+            remove(index_url(archive_url, name))
     state["shards"] = [s for s in state["shards"] if _key(s) in want]
     have = {_key(s) for s in state["shards"]}
     trained_bytes, written = None, 0
@@ -268,11 +277,17 @@ def update_index(
             trained_bytes = read_bytes(index_url(archive_url, "trained.faiss"))
         table = read_file(archive_url, f["path"], ["vector", "scale", "checkpoint_sha256", "preprocessing"])
         _check_rows(table, state, f"{archive_url}/{f['path']}")
-        x = normalise(file_vectors(table))
+        vec = table["vector"].combine_chunks()
+        q = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), vec.type.list_size).astype(np.int8)
+        scale = table["scale"].to_numpy().astype(np.float32)
+        x = normalise(q.astype(np.float32) * scale[:, None])
         index = faiss.deserialize_index(np.frombuffer(trained_bytes, dtype=np.uint8))
         start = int(state["next_id"])
         index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
         shard_file = "shards/" + f["path"].split("/", 1)[-1].rsplit(".", 1)[0] + ".faiss"
+        stem = shard_file.rsplit(".", 1)[0]
+        write_bytes(index_url(archive_url, f"{stem}.q.npy"), _npy(q))
+        write_bytes(index_url(archive_url, f"{stem}.scale.npy"), _npy(scale))
         write_bytes(index_url(archive_url, shard_file), faiss.serialize_index(index).tobytes())
         state["shards"].append({**f, "start": start, "file": shard_file})
         state["next_id"] = start + len(x)
@@ -281,6 +296,25 @@ def update_index(
         _fault(written)
     log.info("%s: patch index holds %d vectors in %d shard(s)", archive_url, state["next_id"], len(state["shards"]))
     return state
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr))
+    return buf.getvalue()
+
+
+def _load_npy(url: str) -> np.ndarray:
+    """A ``.npy`` of the index: memory-mapped when local, read whole otherwise."""
+    import io
+
+    from pipeline.storage import is_local, store_path
+
+    if is_local(url):
+        return np.load(store_path(url), mmap_mode="r")
+    return np.load(io.BytesIO(read_bytes(url)))
 
 
 def _fault(shards: int) -> None:
@@ -318,6 +352,7 @@ class PatchIndex:
     ids: np.ndarray  # (n,) int64
     columns: dict[str, np.ndarray]  # prow, pcol, lon, lat: (n,)
     load_seconds: float = 0.0
+    _cache: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(
@@ -391,14 +426,22 @@ class PatchIndex:
         return names[self.shard_of]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
-        """``(len(rows), C)`` float32 stored (dequantised) vectors of metadata rows ``rows``, from the patch files."""
+        """``(len(rows), C)`` float32 stored (dequantised) vectors of metadata rows ``rows`` (the shards' arrays)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.zeros((len(rows), int(self.state["dim"])), np.float32)
         for k in np.unique(self.shard_of[rows]):
             sel = np.flatnonzero(self.shard_of[rows] == k)
-            table = read_file(self.archive_url, self.shards[k]["path"], ["vector", "scale"])
-            out[sel] = file_vectors(table.take(self.row_in_shard[rows[sel]]))
+            q, scale = self._arrays(int(k))
+            take = self.row_in_shard[rows[sel]]
+            out[sel] = np.asarray(q[take], np.float32) * np.asarray(scale[take], np.float32)[:, None]
         return out
+
+    def _arrays(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in self._cache:
+            stem = self.shards[k]["file"].rsplit(".", 1)[0]
+            self._cache[k] = (_load_npy(index_url(self.archive_url, f"{stem}.q.npy")),
+                              _load_npy(index_url(self.archive_url, f"{stem}.scale.npy")))  # fmt: skip
+        return self._cache[k]
 
     def search(
         self, queries: np.ndarray, k: int, *, mask: np.ndarray | None = None, nprobe: int | None = None,

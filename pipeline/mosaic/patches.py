@@ -6,7 +6,7 @@ Layout (inside the archive folder, :mod:`pipeline.mosaic.archive`)::
 
 One folder per mosaic, so appending a job's region adds files and never rewrites the others. Each file is
 GeoParquet (``geopandas.read_parquet(file)``; ``pyarrow.dataset.dataset("ARCHIVE/patches")`` reads them all), one
-row per patch, patch rows in row-major order::
+row per patch, in the order the mosaic is read (windows of patches, row by row)::
 
     patch_id           prow * patch columns + pcol (unique within the mosaic)
     mosaic             the mosaic's name in the archive
@@ -54,7 +54,7 @@ PATCHES_DIR = "patches"
 DEFAULT_PATCH_SIZE = 8
 DEFAULT_MIN_VALID = 0.5
 DEFAULT_ROWS_PER_FILE = 262_144
-_STRIP_BYTES = 128 * 2**20  # float32 pixels read at once
+_STRIP_BYTES = 32 * 2**20  # float32 pixels read at once (one window of patches)
 _DESCRIBE = ("model", "code_version", "checkpoint", "checkpoint_sha256")
 
 
@@ -141,25 +141,31 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(q, dtype=np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
 
 
-def _strips(emb: xr.DataArray, size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Per strip of patch rows: ``(first patch row, sums (C, r, c) float64, valid pixel counts (r, c))``.
+def _windows(emb: xr.DataArray, size: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Per window of patches: ``(first patch row, first patch col, sums (C, r, c) float64, valid counts (r, c))``.
 
-    A strip holds at most ``_STRIP_BYTES`` of float32 pixels (and at least one patch row).
+    A window holds at most ``_STRIP_BYTES`` of float32 pixels (and at least one patch), whatever the mosaic's width,
+    so the archive's memory does not grow with the region; windows go row by row, left to right.
     """
     height, width = emb.sizes["y"], emb.sizes["x"]
-    per_strip = max(1, _STRIP_BYTES // (4 * emb.sizes["band"] * size * width))
-    for pr0 in range(0, -(-height // size), per_strip):
-        y0, y1 = pr0 * size, min(height, (pr0 + per_strip) * size)
-        block = np.asarray(emb.isel(y=slice(y0, y1)).values, dtype=np.float32)  # (C, h, W)
-        ok = np.isfinite(block).all(axis=0)
-        h = y1 - y0
-        pad_h, pad_w = -h % size, -width % size
-        vals = np.pad(np.where(ok, block, 0.0), ((0, 0), (0, pad_h), (0, pad_w)))
-        okp = np.pad(ok, ((0, pad_h), (0, pad_w)))
-        c, hh, ww = vals.shape
-        sums = vals.reshape(c, hh // size, size, ww // size, size).sum(axis=(2, 4), dtype=np.float64)
-        counts = okp.reshape(hh // size, size, ww // size, size).sum(axis=(1, 3))
-        yield pr0, sums, counts
+    per_patch = 4 * emb.sizes["band"] * size * size
+    rows, cols = -(-height // size), -(-width // size)
+    side = max(1, int((_STRIP_BYTES // per_patch) ** 0.5))  # patches per window side
+    wcols = min(cols, max(side, (_STRIP_BYTES // per_patch) // max(min(rows, side), 1)))
+    wrows = max(1, min(rows, (_STRIP_BYTES // per_patch) // wcols))
+    for pr0 in range(0, rows, wrows):
+        for pc0 in range(0, cols, wcols):
+            y0, y1 = pr0 * size, min(height, (pr0 + wrows) * size)
+            x0, x1 = pc0 * size, min(width, (pc0 + wcols) * size)
+            block = np.asarray(emb.isel(y=slice(y0, y1), x=slice(x0, x1)).values, dtype=np.float32)  # (C, h, w)
+            ok = np.isfinite(block).all(axis=0)
+            pad_h, pad_w = -(y1 - y0) % size, -(x1 - x0) % size
+            vals = np.pad(np.where(ok, block, 0.0), ((0, 0), (0, pad_h), (0, pad_w)))
+            okp = np.pad(ok, ((0, pad_h), (0, pad_w)))
+            c, hh, ww = vals.shape
+            sums = vals.reshape(c, hh // size, size, ww // size, size).sum(axis=(2, 4), dtype=np.float64)
+            counts = okp.reshape(hh // size, size, ww // size, size).sum(axis=(1, 3))
+            yield pr0, pc0, sums, counts
 
 
 def _provenance_columns(provenance: dict[str, Any], n: int) -> dict[str, pa.Array]:
@@ -235,7 +241,7 @@ def write_patches(
 ) -> dict[str, Any]:
     """Write the patch files of one archive mosaic (float ``(band, y, x)`` embeddings, lazy) and say what was written.
 
-    The mosaic is read one strip of patch rows at a time (bounded memory); a file is written once it holds
+    The mosaic is read one window of patches at a time (bounded memory); a file is written once it holds
     ``rows_per_file`` rows or more.
 
     Returns:
@@ -261,12 +267,12 @@ def write_patches(
         files.append({"path": f"{PATCHES_DIR}/{mosaic}/{name}", "rows": len(table)})
 
     need = max(min_valid * grid.size * grid.size, 1)
-    for pr0, sums, counts in _strips(emb, grid.size):
+    for pr0, pc0, sums, counts in _windows(emb, grid.size):
         pr, pc = np.nonzero(counts >= need)
-        for i in range(0, len(pr), rows_per_file):  # a strip may hold more patches than one file
+        for i in range(0, len(pr), rows_per_file):  # a window may hold more patches than one file
             r, c = pr[i : i + rows_per_file], pc[i : i + rows_per_file]
             vectors = (sums[:, r, c] / counts[r, c]).T.astype(np.float32)  # (n, C)
-            pending.append(patch_table(grid, r + pr0, c, vectors, counts[r, c] / grid.size**2, mosaic=mosaic,
+            pending.append(patch_table(grid, r + pr0, c + pc0, vectors, counts[r, c] / grid.size**2, mosaic=mosaic,
                                        provenance=provenance, table_crs=table_crs))  # fmt: skip
             if sum(len(t) for t in pending) >= rows_per_file:
                 flush()

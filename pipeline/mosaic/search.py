@@ -267,7 +267,7 @@ def write_search(searcher: ArchiveSearcher, result: SearchResult, out_dir: str, 
     return paths
 
 
-def hits_quicklook(searcher: ArchiveSearcher, result: SearchResult, png: str, max_size: int = 1024) -> str:
+def hits_quicklook(searcher: ArchiveSearcher, result: SearchResult, png: str, max_size: int = 384) -> str:
     """The mosaic with most hits in PCA colours, hits outlined on top (rank 1 brightest), the query patch in white."""
     from PIL import Image, ImageDraw
 
@@ -277,7 +277,7 @@ def hits_quicklook(searcher: ArchiveSearcher, result: SearchResult, png: str, ma
 
     name = result.hits["mosaic"].value_counts().index[0]
     ds = open_mosaic(storage.join(searcher.url, "mosaics", f"{name}.zarr"))
-    small = decimate(ds, max_size)
+    small = decimate(ds, max_size).load()  # one read of the (decimated) int8 pixels; the PCA then runs in memory
     step = max(1, -(-max(ds.sizes["y"], ds.sizes["x"]) // max_size))
     img = Image.fromarray(pca_rgb(dequantize(small), small.get("valid")), mode="RGBA")
     draw = ImageDraw.Draw(img)

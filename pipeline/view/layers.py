@@ -132,7 +132,7 @@ def pca_layer(ds: xr.Dataset, title: str, cache: str, key: str, max_size: int, g
     from pipeline.mosaic.archive import dequantize
     from pipeline.mosaic.quicklook import decimate, pca_rgb
 
-    small = decimate(ds, max_size)
+    small = decimate(ds, max_size).load()  # one read of the decimated pixels; the PCA then runs in memory
     data = dequantize(small) if "embedding" in small else small["data"]
     out = os.path.join(cache, f"pca-{_layer_id(key)}.tif")
     if not os.path.exists(out):
