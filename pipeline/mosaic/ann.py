@@ -490,6 +490,7 @@ class PatchIndex:
         ok = labels >= 0
         k = np.searchsorted(starts, np.where(ok, labels, 0), side="right") - 1
         rows = np.where(ok, offsets[np.clip(k, 0, None)] + labels - starts[np.clip(k, 0, None)], -1)
+        scores = np.clip(scores, -1.0, 1.0)  # float16 codes can put a vector's similarity to itself at 1 + 1e-6
         return np.where(ok, scores, np.nan).astype(np.float32), rows.astype(np.int64)
 
     def _exact(self, q: np.ndarray, k: int, selected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
