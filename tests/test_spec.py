@@ -119,14 +119,31 @@ def test_jobspec_error_is_a_value_error_for_the_cli():
     assert issubclass(JobSpecError, ValueError)
 
 
-def test_every_shipped_job_spec_validates() -> None:
-    from pathlib import Path
+def _shipped_specs() -> list[Path]:
+    return sorted((REPO / "jobs").glob("*.yaml"))
 
-    from pipeline.spec import load_job
-    from pipeline.train.spec import load_pretrain_spec
 
-    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
-    assert len(jobs) >= 6
-    for path in jobs:
-        spec = load_pretrain_spec(path) if path.name.startswith("pretrain-") else load_job(path)
-        assert spec is not None, path
+@pytest.mark.parametrize("path", _shipped_specs(), ids=lambda p: p.name)
+def test_every_shipped_spec_validates(path: Path) -> None:
+    """Region jobs, pre-training, fine-tuning and test-data specs each load with their own command's loader."""
+    import yaml
+
+    from pipeline.finetune.data import parse_data_spec
+    from pipeline.finetune.spec import FinetuneSpec, load_finetune
+    from pipeline.train.spec import PretrainSpec, load_pretrain_spec
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    if path.name.startswith("pretrain-"):
+        assert isinstance(load_pretrain_spec(path), PretrainSpec)
+    elif "task" in raw:  # `skypipe finetune` specs name their task
+        assert isinstance(load_finetune(path), FinetuneSpec)
+    elif "format" in raw:  # test data of `skypipe eval <task> --test`
+        assert parse_data_spec(raw, base_dir=path.parent, source=str(path)).format == raw["format"]
+    else:
+        assert isinstance(load_job(path), JobSpec)
+
+
+def test_there_are_shipped_specs_of_every_command() -> None:
+    names = [p.name for p in _shipped_specs()]
+    assert any(n.startswith("pretrain-") for n in names) and any(n.startswith("finetune-") for n in names)
+    assert len(names) >= 6
