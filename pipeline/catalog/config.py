@@ -24,12 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.modalities import DEFAULT_MODALITIES
+from pipeline.resources import resource_dir, work_root
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-"""The repository root (parent of the ``pipeline`` package)."""
+REPO_ROOT = work_root()
+"""What relative paths in catalog files resolve against (:func:`pipeline.resources.work_root`)."""
 
-CATALOGS_DIR = REPO_ROOT / "catalogs"
-"""Where bare catalog names (``earth-search``) are resolved: ``catalogs/<name>.yaml``."""
+CATALOGS_DIR = resource_dir("catalogs")
+"""Where bare catalog names (``earth-search``) are resolved: ``catalogs/<name>.yaml`` (:mod:`pipeline.resources`)."""
 
 # Bands a catalog may feed for each modality, in model order: the model's bands, then optional ones (HR's NIR).
 _ALLOWED_BANDS: dict[str, tuple[str, ...]] = {name: spec.known_bands for name, spec in DEFAULT_MODALITIES.items()}
