@@ -63,6 +63,9 @@ def _message(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``skypipe`` console script."""
+    from pipeline.memory import single_arena
+
+    single_arena()  # before any thread starts: see pipeline.memory
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or args.verbose

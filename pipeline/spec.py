@@ -185,6 +185,16 @@ class TileSpec(_Strict):
         return self.radius if self.context == "local" else None
 
 
+class Prices(_Strict):
+    """What an hour of compute costs, in US dollars, for the cost estimate in ``report.json``.
+
+    Per CPU and per GPU: a node's hourly price divided by its CPUs (or GPUs) gives these.
+    """
+
+    cpu_hour: float = Field(0.0, ge=0)
+    gpu_hour: float = Field(0.0, ge=0)
+
+
 class JobSpec(_Strict):
     """A whole job. Fields after ``cube`` are read by the inference stage and have defaults.
 
@@ -210,6 +220,7 @@ class JobSpec(_Strict):
         actor_start_timeout_s: seconds to wait for the first inference actor to start (a cluster without a node
             that has the requested CPUs/GPUs fails after this instead of waiting forever).
         max_area_km2: refuse regions larger than this (a guard against a mistyped bbox; raise it for big jobs).
+        prices: US dollars per CPU-hour and GPU-hour; the run's ``report.json`` then carries an estimated cost.
 
     """
 
@@ -231,6 +242,7 @@ class JobSpec(_Strict):
     batch_timeout_s: float | None = Field(1800.0, gt=0)
     actor_start_timeout_s: float | None = Field(600.0, gt=0)
     max_area_km2: float = Field(DEFAULT_MAX_AREA_KM2, gt=0)
+    prices: Prices | None = None
 
     @field_validator("region")
     @classmethod

@@ -77,3 +77,13 @@ def test_explicit_change_periods_and_class_fields(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError, match="class_names"):
         seg = {"kind": "segmentation", "num_classes": 3, "class_names": ["a", "b"]}
         load_job(write_job(tmp_path / "e.yaml", "cube.zarr", "o", "m", output=seg))
+
+
+def test_status_rate_and_eta_from_finish_stamps() -> None:
+    from pipeline.job.status import rate
+
+    stamps = {i: {"status": "done", "finished_at": f"2026-01-01T00:00:{2 * i:02d}+00:00"} for i in range(10)}
+    r = rate(stamps, pending=30)
+    assert r["tiles_per_h"] == pytest.approx(1800.0)  # one tile per 2 s
+    assert r["eta_s"] == pytest.approx(60.0) and r["last_finished"].startswith("2026-01-01T00:00:18")
+    assert rate({0: stamps[0]}, pending=3)["tiles_per_h"] is None  # one stamp: no rate yet

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pystac
@@ -52,6 +52,8 @@ class CubeReport:
     valid_fraction: dict[str, list[float]] = field(default_factory=dict)
     quicklooks: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_s: float = 0.0  # CPU seconds of the Ray tasks that filled it (distributed builds)
+    worker_peak_rss: int = 0  # peak resident bytes of a worker process that ran them (distributed builds)
 
 
 def _native_resolution(
@@ -136,6 +138,7 @@ def build_cube(
     quicklooks: bool = True,
     attrs: Mapping[str, Any] | None = None,
     patch_url: Callable[[str], str] | None = None,
+    executor: Literal["threads", "ray"] = "threads",
 ) -> CubeReport:
     """Build (or resume) a Zarr cube at ``url`` from STAC items, one group per modality.
 
@@ -156,6 +159,8 @@ def build_cube(
         quicklooks: write PNG previews beside the cube when done.
         attrs: extra root attributes (job name, time range, ...).
         patch_url: href rewriter applied when reading (re-signing for signed catalogs).
+        executor: ``threads`` (this process) or ``ray``: every row of chunks a Ray task on the connected cluster
+            (:mod:`pipeline.cube.distributed`).
 
     """
     start = time.perf_counter()
@@ -172,7 +177,7 @@ def build_cube(
     _write_or_resume(url, plans, root, manifest, overwrite)
     report = CubeReport(url=url)
     workers = workers or max(4, 2 * (os.cpu_count() or 2))
-    _fill(url, plans, manifest, report, workers, batch_chunks or 2 * workers, progress)
+    _fill(url, plans, manifest, report, workers, batch_chunks or 2 * workers, progress, executor)
     for name, p in plans.items():
         report.failures[name] = manifest.failures(name)
         report.valid_fraction[name] = _finalise_group(url, p, report.failures[name])
@@ -213,7 +218,7 @@ def _write_or_resume(
 
 def _fill(
     url: str, plans: dict[str, ModalityPlan], manifest: ChunkManifest, report: CubeReport, workers: int, batch: int,
-    progress: bool,
+    progress: bool, executor: str = "threads",
 ) -> None:  # fmt: skip
     """Read, write and record every chunk not recorded yet, modality by modality."""
     pending_by = {}
@@ -226,6 +231,14 @@ def _fill(
     total = sum(c["total"] for c in report.chunks.values())
     done = sum(c["skipped"] for c in report.chunks.values())
     with tqdm(total=total, initial=done, unit="chunk", desc="cube", disable=not progress) as bar:
+        if executor == "ray":
+            from pipeline.cube.distributed import fill_on_ray
+
+            for name, r in fill_on_ray(url, plans, pending_by, bar).items():
+                report.chunks[name].update(written=r["written"], nodes=sorted(r["nodes"]))
+                report.cpu_s += r["cpu_s"]
+                report.worker_peak_rss = max(report.worker_peak_rss, r["peak_rss"])
+            return
         for name, p in plans.items():
             runner = ChunkWriter(url, p, manifest, bar)
             runner.run(pending_by[name], batch, workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from pipeline.cube.build import CubeReport, build_cube
 from pipeline.spec import JobSpec
@@ -11,8 +12,9 @@ log = logging.getLogger(__name__)
 
 
 def build_from_job(
-    job: JobSpec, *, overwrite: bool = False, progress: bool = True, workers: int | None = None
-) -> CubeReport:
+    job: JobSpec, *, overwrite: bool = False, progress: bool = True, workers: int | None = None,
+    executor: Literal["threads", "ray"] = "threads",
+) -> CubeReport:  # fmt: skip
     """Search the job's catalog for its region, time range and modalities, then build (or resume) its cube.
 
     A local catalog (no ``url``) is served on loopback for the whole build, so every read goes through HTTP range
@@ -45,6 +47,7 @@ def build_from_job(
             workers=workers,
             progress=progress,
             patch_url=result.resigner.fresh if result.resigner is not None else None,
+            executor=executor,
             attrs={
                 "job": job.name,
                 "catalog": catalog.name,

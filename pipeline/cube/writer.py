@@ -76,8 +76,8 @@ def segments(pending: list[ChunkIndex], max_len: int) -> Iterator[Segment]:
 class ChunkWriter:
     """Reads, converts and writes the chunks of one modality; thread-safe bookkeeping of finished chunks."""
 
-    def __init__(self, url: str, plan: ModalityPlan, manifest: ChunkManifest, bar: tqdm) -> None:
-        self.plan, self.manifest, self.bar = plan, manifest, bar
+    def __init__(self, url: str, plan: ModalityPlan, manifest: ChunkManifest, bar: tqdm, node: str | None = None):
+        self.plan, self.manifest, self.bar, self.node = plan, manifest, bar, node
         self.data_arr, self.valid_arr = layout.open_arrays(url, plan.name, plan.chunks)
         self._lock = threading.Lock()
         self.done: set[ChunkIndex] = set()
@@ -163,6 +163,8 @@ class ChunkWriter:
             status, record = "ok", {"valid_pixels": int(valid.sum())}
         if failure is not None:
             status, record = "failed", {**record, **failure}
+        if self.node is not None:  # which cluster node wrote it (distributed builds)
+            record["node"] = self.node
         self.manifest.mark(self.plan.name, index, status, record)
         with self._lock:
             self.done.add(index)

@@ -347,6 +347,10 @@ class InferenceWorker:
             self.processor.prefetch([t for t, _ in next_work])
         return self.processor.process(work)
 
-    def stats(self) -> dict[str, float]:
-        """Cumulative read / wait / compute / write seconds."""
-        return dict(self.processor.stats)
+    def stats(self) -> dict[str, Any]:
+        """Cumulative read / wait / compute / write seconds, the process's CPU seconds and peak memory, its device."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+        return {**self.processor.stats, "cpu_s": time.process_time(), "peak_rss": peak,
+                "device": self.processor.device.type, **self.processor.worker}  # fmt: skip

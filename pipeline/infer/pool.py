@@ -241,6 +241,20 @@ class ActorPool:
                 log.warning("actor hung on tiles %s; killing it", [t for t, _ in slot.work])
                 ray.kill(slot.handle, no_restart=False)
 
+    def worker_stats(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Each live actor's :meth:`InferenceWorker.stats` (actors that do not answer are left out)."""
+        import ray
+
+        refs = [slot.handle.stats.remote() for slot in self.slots]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayError:
+                continue
+        return out
+
     def shutdown(self) -> None:
         """Kill every actor."""
         import ray

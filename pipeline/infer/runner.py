@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
@@ -55,6 +56,16 @@ class InferenceReport:
     seconds: float = 0.0
     nodes: list[str] = field(default_factory=list)
     area_km2: float = 0.0
+    workers: list[dict[str, Any]] = field(default_factory=list)  # per actor: stats() at the end of the run
+
+    def worker_totals(self) -> dict[str, float]:
+        """CPU seconds, GPU (compute) seconds and peak memory of the actors, and how many there were."""
+        return {
+            "worker_cpu_s": sum(w.get("cpu_s", 0.0) for w in self.workers),
+            "gpu_s": sum(w.get("compute_s", 0.0) for w in self.workers if w.get("device") == "cuda"),
+            "worker_peak_rss": max((w.get("peak_rss", 0) for w in self.workers), default=0),
+            "actors": len(self.workers),
+        }
 
     @property
     def tiles_per_s(self) -> float:
@@ -71,12 +82,12 @@ class RayUnreachableError(ConnectionError, ValueError):
     """The Ray cluster address does not answer (a user error: the CLI prints it without a traceback)."""
 
 
-def connect_ray(address: str | None = None, timeout_s: float = 30.0) -> bool:
+def connect_ray(address: str | None = None, timeout_s: float = 30.0, dashboard: bool = False) -> bool:
     """Connect to Ray; returns True when this call started (and so owns) the Ray instance.
 
     Local mode keeps every Ray process on 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and
-    ``_node_ip_address``); a cluster address is first checked with a TCP connect so a wrong address fails within
-    ``timeout_s`` instead of retrying for minutes.
+    ``_node_ip_address``), with its dashboard on 127.0.0.1 when ``dashboard``; a cluster address is first checked
+    with a TCP connect so a wrong address fails within ``timeout_s`` instead of retrying for minutes.
     """
     address = address or os.environ.get("RAY_ADDRESS")
     if address == "local":
@@ -103,10 +114,12 @@ def connect_ray(address: str | None = None, timeout_s: float = 30.0) -> bool:
         # Ray was imported before the variable was set (by the caller): apply it to this process too, or the
         # driver would advertise the machine's external address. Workers inherit the variable from the env.
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(
-        num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE,
-        _node_ip_address="127.0.0.1", include_dashboard=False,
+    context = ray.init(  # address="local": never join a `ray start` instance that happens to run on this machine
+        address="local", num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE,
+        _node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
     )  # fmt: skip
+    if dashboard and context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}")
     return True
 
 
@@ -186,7 +199,8 @@ def run_inference(
         base = {t: int(r.get("attempts") or 0) for t, r in records.items() if r.get("status") == "failed"}
         bar = tqdm(total=len(tiles), initial=len(finished), unit="tile", desc="inference", disable=not progress)
         try:
-            failed, nodes = _run_pool(pending, params, manifest, base, bar, address=address, faults=faults)
+            failed, nodes = _run_pool(pending, params, manifest, base, bar, address=address, faults=faults,
+                                      workers=report.workers)  # fmt: skip
         finally:
             bar.close()
         report.nodes = sorted(nodes)
@@ -213,8 +227,12 @@ def _run_pool(
     *,
     address: str | None,
     faults: Mapping[int, str],
+    workers: list[dict[str, Any]],
 ) -> tuple[dict[int, str], set[str]]:
-    """Start the actors and run the pool; returns failed tiles (id -> error) and the nodes that ran tiles."""
+    """Start the actors and run the pool; returns failed tiles (id -> error) and the nodes that ran tiles.
+
+    ``workers`` receives every actor's final :meth:`InferenceWorker.stats` (CPU, GPU, memory).
+    """
     import ray
 
     owns_ray = connect_ray(address)
@@ -234,6 +252,7 @@ def _run_pool(
         size = params.batch_size
         pool.queue.extend(pending[i : i + size] for i in range(0, len(pending), size))
         pool.run()
+        workers.extend(pool.worker_stats())
         return pool.failed, pool.nodes
     finally:
         if pool is not None:

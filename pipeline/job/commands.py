@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--break-lease", action="store_true", help="take over the outputs from an earlier run known to be dead"
     )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    run.add_argument(
+        "--dashboard", action="store_true", help="start the local Ray's dashboard on 127.0.0.1 (prints its URL)"
+    )
     run.set_defaults(func=_run)
 
     status = subparsers.add_parser("status", help="what is done per stage of a job (cube, tiles, mosaic, COG, ...)")
@@ -36,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     summary = run_job(
         job, address=args.address, progress=not args.no_progress, allow_failed=args.allow_failed,
-        max_attempts=args.max_attempts, break_lease=args.break_lease,
+        max_attempts=args.max_attempts, break_lease=args.break_lease, dashboard=args.dashboard,
     )  # fmt: skip
     print(summary.format())
     return summary.exit_code

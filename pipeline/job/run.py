@@ -16,6 +16,9 @@ the set of finished tiles changed since they last ran. Outputs of a job, under `
     archive/                         embedding archive (embeddings only)
     quicklook.png                    picture of the mosaic
     stages.json                      the resume record
+    report.json                      what the run cost: time, CPU/GPU seconds, km2/h, bytes, memory, nodes
+                                     per stage (pipeline.job.report)
+    manifest/nodes/<stage>/          which cluster nodes did each stage's work (pipeline.job.cluster)
 
 The run's outcome is an exit code (:mod:`pipeline.errors`): 0 success, 3 a partial result (some inputs could not
 be read; listed), 1 a failed run (failed tiles without ``allow_failed``).
@@ -25,10 +28,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from pipeline.job.report import StageMeter, format_report, stage_entry, write_report
 from pipeline.job.stages import JobContext, Stage, StageResult, job_stages
 from pipeline.lease import OutputLease
 from pipeline.spec import JobSpec
@@ -43,6 +49,7 @@ class RunSummary:
     job: str
     area_km2: float = 0.0
     stages: list[StageResult] = field(default_factory=list)
+    report: dict[str, Any] | None = None  # report.json of the run (pipeline.job.report)
 
     @property
     def problems(self) -> list[str]:
@@ -76,6 +83,8 @@ class RunSummary:
             lines.append(f"  {s.name:<10} {s.status:<12} {s.seconds:8.1f} s  {s.detail}".rstrip())
             lines.extend(f"  {'':<10} {k:<12} {v}" for k, v in s.outputs.items())
             lines.extend(f"  {'':<10} {line}" for line in s.summary)
+        if self.report is not None:
+            lines.append("  " + format_report(self.report))
         if self.failed:
             lines.append(f"FAILED tiles ({len(self.failed)}):")
             lines.extend(f"  tile {t}: {e}" for t, e in sorted(self.failed.items()))
@@ -93,6 +102,7 @@ def run_job(
     allow_failed: bool = False,
     max_attempts: int = 3,
     break_lease: bool = False,
+    dashboard: bool = False,
 ) -> RunSummary:
     """Run (or resume) every stage of ``job``; see the module docstring.
 
@@ -103,27 +113,40 @@ def run_job(
         allow_failed: go on to the mosaic when tiles failed (the result is then partial).
         max_attempts: attempts per tile before it is recorded failed.
         break_lease: take over the output folder from a run that is known to be dead.
+        dashboard: start the local Ray's dashboard on 127.0.0.1 (a cluster has its own).
 
     Raises:
         LeaseHeldError: another run is writing this job's outputs.
         InputsUnreadableError: the job's inputs could not be read beyond its limits.
     """
+    from pipeline.memory import single_arena
+
+    single_arena()  # library callers too (the CLI already did): see pipeline.memory
     job = job.with_checkpoint_kind()
-    ctx = JobContext(job, address=address, progress=progress, max_attempts=max_attempts, break_lease=break_lease)
+    ctx = JobContext(job, address=address, progress=progress, max_attempts=max_attempts, break_lease=break_lease,
+                     dashboard=dashboard)  # fmt: skip
     summary = RunSummary(job=str(job.name), area_km2=job.area_km2)
-    with OutputLease(ctx.output, what=f"outputs of job {job.name!r}", force=break_lease) as lease:
-        stages = job_stages(ctx)
-        bar = tqdm(stages, desc="stages", unit="stage", disable=not progress)
-        for stage in bar:
-            bar.set_description(stage.name)
-            result = _run_stage(stage, ctx, lease)
-            summary.stages.append(result)
-            summary.area_km2 = result.metrics.get("area_km2", summary.area_km2)
-            if result.failed and not allow_failed:
-                why = "tiles failed; fix and rerun (or --allow-failed to mosaic the finished ones)"
-                summary.stages.append(StageResult("mosaic", "skipped", detail=why))
-                break
-        bar.close()
+    started = datetime.now(timezone.utc)
+    entries: list[dict[str, Any]] = []
+    try:
+        with OutputLease(ctx.output, what=f"outputs of job {job.name!r}", force=break_lease) as lease:
+            stages = job_stages(ctx)
+            bar = tqdm(stages, desc="stages", unit="stage", disable=not progress)
+            for stage in bar:
+                bar.set_description(stage.name)
+                meter = StageMeter()
+                result = _run_stage(stage, ctx, lease)
+                entries.append(stage_entry(ctx, result, meter.stop()))
+                summary.stages.append(result)
+                summary.area_km2 = result.metrics.get("area_km2", summary.area_km2)
+                if result.failed and not allow_failed:
+                    why = "tiles failed; fix and rerun (or --allow-failed to mosaic the finished ones)"
+                    summary.stages.append(StageResult("mosaic", "skipped", detail=why))
+                    break
+            bar.close()
+            summary.report = write_report(ctx, summary, entries, started)
+    finally:
+        ctx.cluster.close()
     return summary
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from pipeline import storage
 from pipeline.infer.params import InferenceParams
 from pipeline.infer.store import fingerprint, tiles_url
+from pipeline.job.cluster import RayCluster, dask_on_ray, nodes_of, stage_records
 from pipeline.job.record import ResumeRecord
 from pipeline.kinds import OutputKind
 from pipeline.spec import JobSpec
@@ -38,7 +39,8 @@ class StageResult:
     detail: str = ""
     problems: list[str] = field(default_factory=list)  # inputs that could not be read (a partial result)
     failed: dict[int, str] = field(default_factory=dict)  # tiles that failed (inference)
-    metrics: dict[str, float] = field(default_factory=dict)  # e.g. area_km2, tiles_per_s
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. area_km2, tiles_per_s, worker_cpu_s
+    nodes: list[str] = field(default_factory=list)  # cluster nodes that did the stage's work (when known)
     summary: list[str] = field(default_factory=list)  # lines for the run summary (e.g. the area per class)
 
 
@@ -51,11 +53,14 @@ class JobContext:
     progress: bool = True
     max_attempts: int = 3
     break_lease: bool = False
+    dashboard: bool = False
     record: ResumeRecord = field(init=False)
+    cluster: RayCluster = field(init=False)
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.record = ResumeRecord(self.output)
+        self.cluster = RayCluster(self.address, dashboard=self.dashboard)
 
     @property
     def fingerprint(self) -> str:
@@ -151,10 +156,18 @@ class CubeStage(Stage):
         from pipeline.cube.job import build_from_job
 
         start = time.perf_counter()
-        report = build_from_job(self.ctx.job, progress=self.ctx.progress)
+        # Every row of chunks is a Ray task on the job's cluster (a local Ray on one machine); an in-memory cube
+        # cannot be shared with other processes, so it is filled by threads here.
+        distributed = not self.ctx.job.cube.path.startswith("memory://")
+        if distributed:
+            self.ctx.cluster.connect()
+        report = build_from_job(self.ctx.job, progress=self.ctx.progress, executor="ray" if distributed else "threads")
         problems = self.problems()
         detail = f"{len(problems)} input problem(s), see below" if problems else ""
-        return StageResult(self.name, "done", time.perf_counter() - start, {"cube": report.url}, detail, problems)
+        nodes = sorted({n for c in report.chunks.values() for n in c.get("nodes", [])})
+        return StageResult(self.name, "done", time.perf_counter() - start, {"cube": report.url}, detail, problems,
+                           metrics={"worker_cpu_s": report.cpu_s, "worker_peak_rss": report.worker_peak_rss},
+                           nodes=nodes)  # fmt: skip
 
 
 class InferenceStage(Stage):
@@ -169,6 +182,7 @@ class InferenceStage(Stage):
         from pipeline.infer.runner import run_inference
 
         params = InferenceParams.from_job(self.ctx.job, max_attempts=self.ctx.max_attempts)
+        self.ctx.cluster.connect()
         r = run_inference(params, address=self.ctx.address, progress=self.ctx.progress)
         self.ctx._fingerprint = None  # the finished tiles may have changed
         detail = (
@@ -177,9 +191,9 @@ class InferenceStage(Stage):
             "runs"
         )
         status = "done" if r.computed else "up-to-date"
-        metrics = {"area_km2": r.area_km2, "tiles_per_s": r.tiles_per_s}
+        metrics = {"area_km2": r.area_km2, "tiles_per_s": r.tiles_per_s, **r.worker_totals()}
         result = StageResult(self.name, status, r.seconds, {"tiles": r.tiles_url}, detail, failed=dict(r.failed),
-                             metrics=metrics)  # fmt: skip
+                             metrics=metrics, nodes=list(r.nodes))  # fmt: skip
         if r.total and r.skipped == r.total:
             from pipeline.errors import InputsUnreadableError
 
@@ -202,8 +216,11 @@ class PostStage(Stage):
 
     def run(self) -> StageResult:  # noqa: D102
         start = time.perf_counter()
-        outputs = self.write()
-        return StageResult(self.name, "done", time.perf_counter() - start, outputs, summary=self.summary())
+        records = stage_records(self.ctx.output, self.name)
+        with dask_on_ray(self.ctx.cluster, records):  # on a cluster, this stage's Dask graphs run on its workers
+            outputs = self.write()
+        return StageResult(self.name, "done", time.perf_counter() - start, outputs, summary=self.summary(),
+                           nodes=nodes_of(records))  # fmt: skip
 
     def up_to_date(self) -> StageResult:  # noqa: D102
         result = super().up_to_date()

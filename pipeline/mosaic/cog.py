@@ -48,8 +48,8 @@ from pipeline.palette import CLASS_NODATA, default_colors, palette_for
 
 log = logging.getLogger(__name__)
 
-_GDAL_CACHE_MB = 256
-_BATCH_BYTES = 256 * 2**20  # computed blocks held before writing
+_GDAL_CACHE_MB = 64  # GDAL's block cache fills with what is written: a bound on the writer's memory, not a speed knob
+_BATCH_BYTES = 64 * 2**20  # computed blocks held before writing (peak memory does not grow with the area)
 _PIXEL_INTERLEAVE_MAX_BANDS = 4  # beyond this, band interleave keeps a block at blocksize^2 x 4 B
 _WORK_DIR = re.compile(r"^\.cog-(?P<pid>\d+)-(?P<node>[0-9a-f]{8})-[^-]+$")
 _FOREIGN_WORK_DIR_AGE_S = 24 * 3600.0  # a write on another machine is surely over after a day
@@ -194,22 +194,25 @@ def _write_raw(
     arr: xr.DataArray, raw: str, *, blocksize: int, nodata: float | None, descriptions: list[str] | None, tags: dict,
     colormap: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> None:  # fmt: skip
-    """Stream a ``(band, y, x)`` array block by block into a tiled, band-interleaved GeoTIFF.
+    """Stream a ``(band, y, x)`` array block by block into a tiled GeoTIFF (pixel-interleaved up to 4 bands).
 
     Blocks are computed in batches with ``dask.compute`` (any scheduler, including ``distributed``) and written
     here, so only one batch (at most ``_BATCH_BYTES``) is in memory at a time.
     """
     count, height, width = arr.shape
     data = arr.data if isinstance(arr.data, da.Array) else da.from_array(arr.data)
-    data = data.rechunk((1 if count > _PIXEL_INTERLEAVE_MAX_BANDS else count, blocksize, blocksize))
-    block_bytes = data.dtype.itemsize * data.chunksize[0] * blocksize * blocksize
+    # Blocks of (a group of bands) x one COG tile, written spatial position by position: the mosaic chunks under a
+    # tile are read once per band group (a band-major order would read the whole mosaic once per band).
+    group = max(1, min(count, _BATCH_BYTES // (data.dtype.itemsize * blocksize * blocksize)))
+    data = data.rechunk((group, blocksize, blocksize))
+    block_bytes = data.dtype.itemsize * group * blocksize * blocksize
     per_batch = max(1, _BATCH_BYTES // block_bytes)
     starts = [np.cumsum((0, *c))[:-1] for c in data.chunks]
-    keys = list(np.ndindex(*data.numblocks))
+    keys = sorted(np.ndindex(*data.numblocks), key=lambda k: (k[1], k[2], k[0]))
     with rasterio.open(
         raw, "w", driver="GTiff", width=width, height=height, count=count, dtype=data.dtype, crs=arr.rio.crs,
         transform=_grid_transform(arr), nodata=nodata, tiled=True, blockxsize=blocksize, blockysize=blocksize,
-        interleave="pixel" if data.chunksize[0] == count else "band", compress="ZSTD", BIGTIFF="IF_SAFER",
+        interleave="pixel" if count <= _PIXEL_INTERLEAVE_MAX_BANDS else "band", compress="ZSTD", BIGTIFF="IF_SAFER",
     ) as dst:  # fmt: skip
         for i, text in enumerate(descriptions or []):
             dst.set_band_description(i + 1, text)

@@ -39,7 +39,21 @@ from pipeline.storage import store_path
 log = logging.getLogger(__name__)
 
 MOSAIC_VAR = "data"
-_BLOCK_BYTES = 256 * 2**20  # float64 accumulator budget of one block task
+_BLOCK_BYTES = 32 * 2**20  # float64 accumulator budget of one block task: what bounds the stage's memory
+_MIN_SIDE = 128  # blocks are not made smaller than this; beyond it the bands are split
+
+
+def block_side(n_bands: int, chunks: int) -> int:
+    """The block side for ``n_bands``: ``chunks``, halved while a block's accumulator exceeds the budget.
+
+    All bands of a pixel stay in one block (and one Zarr chunk) down to :data:`_MIN_SIDE`: a 128-channel embedding
+    gets 128 px blocks (8 MB float32 Zarr chunks), a class map keeps 512 px. Peak memory of the stage is then
+    (threads x one block task) whatever the area (``benchmarks/bench_scale.py``).
+    """
+    side = chunks
+    while side > _MIN_SIDE and 8 * n_bands * side * side > _BLOCK_BYTES:
+        side //= 2
+    return side
 
 
 def _tiles_by_block(
@@ -128,8 +142,9 @@ def mosaic_dataset(store: TileStore, chunks: int = 512, *, blend: bool = True) -
     """The lazy mosaic of ``store`` as an ``xr.Dataset`` (see the module docstring for the layout)."""
     height, width = store.shape
     n_bands = len(store.channels)
-    ychunks = da.core.normalize_chunks(chunks, (height,))[0]
-    xchunks = da.core.normalize_chunks(chunks, (width,))[0]
+    side = block_side(n_bands, chunks)
+    ychunks = da.core.normalize_chunks(side, (height,))[0]
+    xchunks = da.core.normalize_chunks(side, (width,))[0]
     band_chunk = max(1, min(n_bands, _BLOCK_BYTES // (8 * max(ychunks) * max(xchunks))))
     bchunks = da.core.normalize_chunks(band_chunk, (n_bands,))[0]
     bstarts = np.cumsum((0, *bchunks))
@@ -191,7 +206,8 @@ def stitch_tiles(tiles_url: str, out_url: str, chunks: int = 512, *, blend: bool
     Args:
         tiles_url: the inference stage's ``tiles.zarr`` (local path or fsspec URL).
         out_url: where to write ``mosaic.zarr`` (overwritten).
-        chunks: output block side in pixels; also the mosaic's Zarr chunk size in ``y`` and ``x``.
+        chunks: largest output block side in pixels, also the mosaic's Zarr chunk size in ``y`` and ``x``; outputs
+            with many channels get smaller blocks (:func:`block_side`).
         blend: cosine-taper blending (default); ``False`` gives flat weights, i.e. a plain average of overlaps.
 
     Returns:
