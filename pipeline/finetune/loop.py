@@ -286,7 +286,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True) -> dict[str, Any]:
     import os
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import init_local_ray
@@ -301,7 +301,8 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-        run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage),
+        run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage,
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )  # fmt: skip
     trainer.fit()  # raises if a worker failed
     return storage.read_json(summary_url)

@@ -128,6 +128,8 @@ class FinetuneSpec(_Strict):
         eval_batches: at most this many validation batches per validation (``null``: all).
         context_radius: stage-3/4 local context while training (``null``: global attention, as pre-trained).
         workers, cpus_per_worker, use_gpu: Ray Train scaling (1 CPU worker by default: the local machine).
+        max_failures: worker-group restarts after a worker dies (-1: unlimited); each resumes from the last
+            training-state checkpoint in ``storage``.
         loader_workers: DataLoader processes per worker.
         storage: training state, TensorBoard logs, ``metrics.jsonl``, the best model.
         out: where the best model is written (default ``<storage>/model.pt``; ``skypipe finetune --out`` overrides).
@@ -149,6 +151,7 @@ class FinetuneSpec(_Strict):
     eval_batches: int | None = Field(None, gt=0)
     context_radius: int | None = Field(None, ge=1)
     workers: int = Field(1, ge=1)
+    max_failures: int = Field(3, ge=-1)
     cpus_per_worker: int = Field(2, ge=1)
     use_gpu: bool = False
     loader_workers: int = Field(0, ge=0)

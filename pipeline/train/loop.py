@@ -304,14 +304,15 @@ def init_local_ray(num_cpus: int, num_gpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
         return
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-             object_store_memory=512 * 2**20, log_to_driver=True)  # fmt: skip
+    # address="local": a new embedded Ray even when a `ray start` instance runs on this machine (Ray would join it)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
+             include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=True)  # fmt: skip
 
 
 def run_pretrain(spec: PretrainSpec, progress: bool = True, on_start: Callable[[], None] | None = None) -> Summary:
     """Run (or resume) a pre-training job on Ray Train and return its summary."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.perf_counter()
@@ -329,7 +330,11 @@ def run_pretrain(spec: PretrainSpec, progress: bool = True, on_start: Callable[[
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-        run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage),
+        # A dead worker (node lost, OOM, preempted) restarts the whole worker group, up to max_failures times; every
+        # rank's train_worker then resumes from the last checkpoint in spec.storage (pipeline.train.state), so the
+        # curve continues where that checkpoint left it.
+        run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage,
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )  # fmt: skip
     trainer.fit()  # raises if a worker failed
     # [ours] Ray Train keeps metrics only alongside Ray checkpoints; ours live in storage, so rank 0 writes the

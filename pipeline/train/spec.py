@@ -192,6 +192,10 @@ class PretrainSpec(_Strict):
     optim: OptimSpec = OptimSpec()
     ssl: SSLSpec = SSLSpec()
     workers: int = Field(1, gt=0, description="Ray Train workers (data-parallel ranks)")
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group restarts after a worker dies (-1: unlimited); each resumes from the "
+        "last checkpoint in storage",
+    )  # fmt: skip
     cpus_per_worker: int = Field(1, gt=0)
     use_gpu: bool = False
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per Ray worker")
