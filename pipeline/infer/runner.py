@@ -82,6 +82,17 @@ class RayUnreachableError(ConnectionError, ValueError):
     """The Ray cluster address does not answer (a user error: the CLI prints it without a traceback)."""
 
 
+_EMBEDDED = {"ray": False}
+"""Whether the Ray this process is connected to is an embedded local instance that :func:`connect_ray` started."""
+
+
+def embedded_ray() -> bool:
+    """True while connected to a local Ray started by :func:`connect_ray` (its resources are all there will be)."""
+    import ray
+
+    return _EMBEDDED["ray"] and ray.is_initialized()
+
+
 def connect_ray(address: str | None = None, timeout_s: float = 30.0, dashboard: bool = False) -> bool:
     """Connect to Ray; returns True when this call started (and so owns) the Ray instance.
 
@@ -106,9 +117,11 @@ def connect_ray(address: str | None = None, timeout_s: float = 30.0, dashboard: 
         except OSError as err:
             raise RayUnreachableError(f"cannot reach the Ray cluster at {address} ({host}:{port}): {err}") from None
         ray.init(address=address)
+        _EMBEDDED["ray"] = False
         return True
     if address == "auto":
         ray.init(address="auto")
+        _EMBEDDED["ray"] = False
         return True
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         # Ray was imported before the variable was set (by the caller): apply it to this process too, or the
@@ -118,6 +131,7 @@ def connect_ray(address: str | None = None, timeout_s: float = 30.0, dashboard: 
         address="local", num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE,
         _node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
     )  # fmt: skip
+    _EMBEDDED["ray"] = True
     if dashboard and context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")
     return True
@@ -238,7 +252,8 @@ def _run_pool(
     owns_ray = connect_ray(address)
     pool: ActorPool | None = None
     try:
-        cpus, gpus = check_resources(params, local=owns_ray)
+        # local: this run's own Ray or the job's embedded one (pipeline.job.cluster): its resources will not grow
+        cpus, gpus = check_resources(params, local=owns_ray or embedded_ray())
         remote = ray.remote(InferenceWorker).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=params.max_restarts, max_task_retries=0,
             scheduling_strategy="SPREAD",
