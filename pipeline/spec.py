@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -389,10 +390,39 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def spec_command(data: Mapping[str, Any]) -> str | None:
+    """The command a spec mapping is written for, judged by its top-level keys (None: cannot tell).
+
+    Region jobs, pre-training, fine-tuning and eval test data are all YAML files in ``jobs/``; handing one to the
+    wrong command would otherwise list every field as missing or unknown instead of naming the mix-up.
+    """
+    keys = set(data)
+    if "task" in keys:
+        return "skypipe finetune"
+    if "ssl" in keys or {"model", "steps"} <= keys:
+        return "skypipe pretrain"
+    if {"format", "path"} <= keys:
+        return "skypipe eval <task> --test"
+    if {"region", "cube"} <= keys:
+        return "skypipe run"
+    return None
+
+
+def wrong_command(data: Mapping[str, Any], source: str, expected: str) -> str | None:
+    """The one-line error for a spec of another command (None when it is not one)."""
+    command = spec_command(data)
+    if command is None or command == expected:
+        return None
+    return f"{source} is a spec for `{command}`, not for `{expected}`; run `{command} {source}`"
+
+
 def parse_job(data: Any, source: str = "<job spec>", base_dir: str | os.PathLike[str] | None = None) -> JobSpec:
     """Validate an already-parsed YAML mapping; relative input paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
         raise JobSpecError(f"{source}: a job spec must be a YAML mapping, got {type(data).__name__}")
+    mixup = wrong_command(data, source, "skypipe run")
+    if mixup:
+        raise JobSpecError(mixup)
     data = dict(data)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     for key in ("region", "catalog"):

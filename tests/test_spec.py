@@ -147,3 +147,16 @@ def test_there_are_shipped_specs_of_every_command() -> None:
     names = [p.name for p in _shipped_specs()]
     assert any(n.startswith("pretrain-") for n in names) and any(n.startswith("finetune-") for n in names)
     assert len(names) >= 6
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "meant"),
+    [("run", "finetune-water-s2.yaml", "skypipe finetune"), ("run", "pretrain-tiny.yaml", "skypipe pretrain"),
+     ("finetune", "demo-water.yaml", "skypipe run"), ("finetune", "detection-test-p1888.yaml", "skypipe eval")],
+)  # fmt: skip
+def test_a_spec_given_to_the_wrong_command_names_the_right_one(command, name, meant, capsys) -> None:
+    from pipeline.cli import main
+
+    assert main([command, str(REPO / "jobs" / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a spec for `{meant}" in err[0] and name in err[0]

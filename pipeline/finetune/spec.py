@@ -203,6 +203,11 @@ def parse_finetune(
     """Validate an already-parsed YAML mapping; relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
         raise FinetuneSpecError(f"{source}: a fine-tuning spec must be a YAML mapping, got {type(data).__name__}")
+    from pipeline.spec import wrong_command
+
+    mixup = wrong_command(data, source, "skypipe finetune")
+    if mixup:
+        raise FinetuneSpecError(mixup)
     data = dict(data)
     if not data.get("name"):
         data["name"] = Path(source).stem if source != "<finetune spec>" else "finetune"
