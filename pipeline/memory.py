@@ -32,3 +32,10 @@ def single_arena() -> bool:
         return bool(libc.mallopt(M_ARENA_MAX, 1))
     except (OSError, AttributeError):  # musl and others: no mallopt
         return False
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes (driver, cube task or inference actor alike)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -12,7 +12,6 @@ the object store (``ray.put``), not once per task. Per-chunk failures behave as 
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from pipeline.cube.manifest import ChunkIndex, ChunkManifest
 from pipeline.cube.plan import ModalityPlan
 from pipeline.cube.writer import ChunkWriter
+from pipeline.memory import peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def fill_unit(url: str, plan: ModalityPlan, chunks: list[ChunkIndex], threads: i
     writer.run(todo, batch=max(len(todo), 1), workers=threads)
     return {"node": node, "chunks": len(writer.done), "skipped": len(chunks) - len(todo),
             "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
+            "peak_rss": peak_rss()}  # fmt: skip
 
 
 def work_units(pending: list[ChunkIndex]) -> list[list[ChunkIndex]]:

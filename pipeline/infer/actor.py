@@ -349,8 +349,7 @@ class InferenceWorker:
 
     def stats(self) -> dict[str, Any]:
         """Cumulative read / wait / compute / write seconds, the process's CPU seconds and peak memory, its device."""
-        import resource
+        from pipeline.memory import peak_rss
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
-        return {**self.processor.stats, "cpu_s": time.process_time(), "peak_rss": peak,
+        return {**self.processor.stats, "cpu_s": time.process_time(), "peak_rss": peak_rss(),
                 "device": self.processor.device.type, **self.processor.worker}  # fmt: skip

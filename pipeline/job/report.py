@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from pipeline import storage
+from pipeline.memory import peak_rss
 
 if TYPE_CHECKING:
     from pipeline.job.run import RunSummary
@@ -41,11 +42,6 @@ def du(url: str) -> int:
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process so far, bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 @dataclass
