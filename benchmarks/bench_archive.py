@@ -216,12 +216,13 @@ def e2e(folder: Path, names: list[str]) -> list[dict]:
     rows.append({"step": f"search k=100 with a bbox prefilter ({res[0].query['selected_rows']} rows selected)",
                  "s": float(np.median([r.seconds["search"] + r.seconds["filter"] for r in res]))})  # fmt: skip
     lonlat = (float(lon[pick[0]]), float(lat_[pick[0]]))
-    t = time.perf_counter()
     skypipe = str(Path(sys.executable).parent / "skypipe")
-    subprocess.run([skypipe, "archive", "search", url, "--lonlat", *map(str, lonlat),
-                    "--k", "100", "--out", str(folder / "search-out")], check=True)  # fmt: skip
-    rows.append({"step": "`skypipe archive search --lonlat` (whole command: start, load, search, write)",
-                 "s": time.perf_counter() - t})  # fmt: skip
+    for extra in ([], ["--no-quicklook"]):
+        t = time.perf_counter()
+        subprocess.run([skypipe, "archive", "search", url, "--lonlat", *map(str, lonlat),
+                        "--k", "100", "--out", str(folder / "search-out"), *extra], check=True)  # fmt: skip
+        rows.append({"step": f"`skypipe archive search --lonlat {' '.join(extra)}` (whole command: start, load, "
+                     "search, write)", "s": time.perf_counter() - t})  # fmt: skip
     return rows
 
 

@@ -106,7 +106,7 @@ def main() -> int:
     test = run_protocol("test", checkpoint=str(cand), log=None)
     test["model"]["picked_on_val"] = {"step": best, "val": results[best]["metrics"]}
     Path("outputs/protocol").mkdir(parents=True, exist_ok=True)
-    Path("outputs/protocol/v2-test.json").write_text(json.dumps(test, indent=1))
+    Path(f"outputs/protocol/{job.name}-test.json").write_text(json.dumps(test, indent=1))
     for name, f in (("random init", args.random_test), ("old checkpoint", args.old_test)):
         if load(f):
             print(f"\nTEST, candidate (step {best}) vs {name}:\n{format_table(test, load(f))}")

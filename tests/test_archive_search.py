@@ -259,12 +259,11 @@ def test_search_cli_outputs_filters_and_bad_input(slovenia_archives, tmp_path, c
     query = json.loads((out / "query.json").read_text())
     assert query["provenance"]["checkpoint_sha256"] == archive_meta(url)["provenance"]["checkpoint_sha256"]
     # the saved query vector gives the same hits; time and mosaic filters keep one date
-    assert (
-        cli(["archive", "search", url, "--vector", str(out / "query.json"), "--k", "30", "--out", str(tmp_path / "v")])
-        == 0
-    )
+    again_argv = ["--vector", str(out / "query.json"), "--k", "30", "--no-quicklook", "--out", str(tmp_path / "v")]
+    assert cli(["archive", "search", url, *again_argv]) == 0
     again = gpd.read_parquet(tmp_path / "v" / "hits.parquet")
     assert again[["mosaic", "patch_id"]].equals(hits[["mosaic", "patch_id"]])
+    assert not (tmp_path / "v" / "quicklook.png").exists()
     assert cli(["archive", "search", url, "--vector", str(out / "query.json"), "--time", "2015-08-01", "2015-12-31",
                 "--out", str(tmp_path / "t")]) == 0  # fmt: skip
     assert set(gpd.read_parquet(tmp_path / "t" / "hits.parquet")["mosaic"]) == {"0001"}

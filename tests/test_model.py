@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -239,3 +242,13 @@ def test_stage_blocks_are_injected() -> None:
         SkySenseV2Backbone(**_backbone_kwargs(config), stage_blocks=stages, context_radius=4)
     with pytest.raises(ValueError, match="need one each"):
         SkySenseV2Backbone(**_backbone_kwargs(config), stage_blocks=stages[:3])
+
+
+def test_cli_parser_and_model_config_do_not_import_torch() -> None:
+    """``pipeline.model`` loads its torch modules on first use: the CLI's parser (and --help) stays fast."""
+    code = (
+        "import sys; from pipeline.cli import build_parser; build_parser(); from pipeline.model import get_config;"
+        "get_config('skysense_v2_tiny'); assert 'torch' not in sys.modules, 'torch imported';"
+        "from pipeline.model import SkySenseV2; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -80,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--mosaic", action="append", help="only this mosaic (repeatable)")
     s.add_argument("--nprobe", type=int, help="inverted lists to scan (default: the index's)")
     s.add_argument("--out", required=True, help="output folder: hits.parquet, query.json, quicklook.png")
+    s.add_argument("--no-quicklook", action="store_true", help="skip quicklook.png (its PCA reads the mosaic: ~2 s)")
     s.set_defaults(func=_search)
 
     s = asub.add_parser("classify", help="few-shot class map from labelled points / polygons (a probe on embeddings)")
@@ -158,6 +159,7 @@ def _search(args: argparse.Namespace) -> int:
         args.archive, args.out, lonlat=args.lonlat and tuple(args.lonlat), geometry=args.geometry, vector=args.vector,
         trust_vector=args.trust_vector, k=args.k, bbox=args.bbox and tuple(args.bbox),
         time_range=args.time and tuple(args.time), mosaics=args.mosaic, nprobe=args.nprobe,
+        quicklook=not args.no_quicklook,
     )  # fmt: skip
     sec = result.seconds
     best = f", best {result.hits['score'].iloc[0]:.4f}" if len(result.hits) else ""
