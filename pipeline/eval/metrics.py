@@ -38,148 +38,29 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from pipeline.finetune.sample import IGNORE
 
+from .detection_metrics import IOU_THRESHOLDS, DetectionMetrics, voc_match
+from .metric_base import (
+    TaskMetric,
+    _check_ids,
+    _class_ids,
+    _class_names,
+    _overall_dict,
+    _value,
+    average_precision,
+    confusion_scores,
+)
 
-def confusion_scores(cm: Tensor) -> dict[str, Tensor]:
-    """Per-class and overall scores of confusion matrices ``(..., K, K)`` (rows: target, columns: prediction).
-
-    Returns float64 per-class ``(..., K)`` tensors ``precision``, ``recall``, ``f1``, ``iou``, ``support`` and
-    overall ``(...)`` tensors ``accuracy``, ``miou``, ``macro_f1``, ``classes_scored`` (see the module conventions).
-    Leading dimensions are batch dimensions, so one call scores every bootstrap resample.
-    """
-    cm = cm.double()
-    tp = cm.diagonal(dim1=-2, dim2=-1)  # (..., K)
-    support, predicted = cm.sum(-1), cm.sum(-2)  # (..., K) targets / predictions per class
-    fp, fn = predicted - tp, support - tp
-    # 0 / 0 is NaN in floating point: exactly the undefined cases, which nanmean then leaves out
-    iou, f1 = tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
-    return {
-        "precision": tp / predicted, "recall": tp / support, "f1": f1, "iou": iou, "support": support,
-        "accuracy": tp.sum(-1) / cm.sum((-2, -1)), "miou": iou.nanmean(-1), "macro_f1": f1.nanmean(-1),
-        "classes_scored": (~iou.isnan()).sum(-1).double(),
-    }  # fmt: skip
-
-
-def average_precision(scores: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Average precision of each class ``(R, K)`` under ``R`` sample weightings.
-
-    Args:
-        scores: ``(N, K)`` scores; only their order matters (logits or probabilities alike).
-        target: ``(N, K)`` 0/1 targets.
-        weights: ``(R, N)`` non-negative sample weights (bootstrap counts); ``None`` is one weighting of ones.
-
-    Returns:
-        sklearn's ``average_precision_score`` per class and weighting, ``sum_n (R_n - R_{n-1}) P_n`` over distinct
-        score thresholds; NaN where the weighted targets lack a positive or a negative.
-    """
-    n, k = scores.shape
-    w = torch.ones(1, n, dtype=torch.float64, device=scores.device) if weights is None else weights.double()
-    out = torch.full((w.shape[0], k), math.nan, dtype=torch.float64, device=scores.device)
-    if n == 0:
-        return out
-    for c in range(k):
-        s, order = torch.sort(scores[:, c], descending=True, stable=True)
-        y, wc = target[order, c].double(), w[:, order]  # (N,), (R, N)
-        tp, seen = (wc * y).cumsum(1), wc.cumsum(1)  # (R, N)
-        last = torch.ones(n, dtype=torch.bool, device=s.device)
-        last[:-1] = s[1:] != s[:-1]  # the last sample of each run of tied scores is one threshold
-        if not last.all():
-            tp, seen = tp[:, last], seen[:, last]  # (R, thresholds)
-        pos, neg = tp[:, -1], seen[:, -1] - tp[:, -1]
-        precision = torch.nan_to_num(tp / seen)  # 0 / 0 only before any weighted sample: no recall step there
-        recall_step = torch.diff(tp, dim=1, prepend=torch.zeros_like(tp[:, :1])) / pos[:, None]
-        ap = (recall_step * precision).sum(1)
-        out[:, c] = torch.where((pos > 0) & (neg > 0), ap, math.nan)
-    return out
-
-
-def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> list[str]:
-    if class_names is not None:
-        names = [str(c) for c in class_names]
-        if num_classes is not None and num_classes != len(names):
-            raise ValueError(f"{len(names)} class names for {num_classes} classes")
-        return names
-    if num_classes is None or num_classes < 1:
-        raise ValueError(f"give num_classes (a positive count, got {num_classes}) or class_names")
-    return [f"class_{i}" for i in range(num_classes)]
-
-
-def _check_ids(x: Tensor, k: int, what: str, allow_ignore: bool) -> None:
-    bad = (x < 0) | (x >= k)
-    if allow_ignore:
-        bad &= x != IGNORE
-    if bad.any():
-        values = torch.unique(x[bad])[:5].tolist()
-        extra = f" or IGNORE={IGNORE}" if allow_ignore else ""
-        raise ValueError(f"{what} has values outside the class ids 0..{k - 1}{extra}: {values}")
-
-
-def _class_ids(preds: Tensor, target: Tensor, k: int) -> Tensor:
-    """Class ids shaped like ``target`` from ids, scores ``(B, K, ...)`` (argmax) or a binary logit ``(B, 1, ...)``."""
-    if preds.ndim == target.ndim + 1 and preds.shape[0] == target.shape[0] and preds.shape[2:] == target.shape[1:]:
-        if not preds.is_floating_point():
-            raise ValueError(f"predictions {tuple(preds.shape)} with a class dimension must be float scores")
-        if preds.shape[1] == 1 and k == 2:
-            return (preds[:, 0] > 0).long()  # one binary logit per sample / pixel
-        if preds.shape[1] != k:
-            raise ValueError(f"predictions have {preds.shape[1]} class scores, the metric {k} classes")
-        return preds.argmax(1)
-    if preds.shape != target.shape:
-        raise ValueError(f"predictions {tuple(preds.shape)} do not fit targets {tuple(target.shape)}: give class ids "
-                         f"shaped like the targets or scores with the class dimension second")  # fmt: skip
-    if preds.is_floating_point():
-        raise ValueError("float predictions shaped like the targets are ambiguous: give integer class ids, or scores "
-                         "(B, K, ...) with the class dimension")  # fmt: skip
-    return preds.long()
-
-
-def _value(x: Tensor) -> float:
-    return float(x.item())
-
-
-def _overall_dict(overall: dict[str, Tensor]) -> dict[str, float | int]:
-    """Plain numbers for JSON and loggers; counts stay integers."""
-    return {k: int(v.item()) if k in ("classes_scored", "n_values") else _value(v) for k, v in overall.items()}
-
-
-class TaskMetric(Metric):
-    """What every task metric offers besides ``update`` / ``compute`` / ``reset``.
-
-    Subclasses set ``task`` and ``headline_name`` and implement ``_num_samples`` and ``_resampled_headline`` (the
-    headline recomputed under sample weights, for :func:`bootstrap_ci`).
-    """
-
-    is_differentiable = False
-    full_state_update = False
-    task = ""
-    headline_name = ""
-
-    def __init__(self, **kwargs: Any):
-        kwargs.setdefault("compute_with_cache", False)  # callers add "ci" to the returned dict: never share it
-        super().__init__(**kwargs)
-
-    @property
-    def headline(self) -> tuple[str, float]:
-        """``(name, value)`` of the headline metric over everything seen so far."""
-        return self.headline_name, self.compute()["overall"][self.headline_name]
-
-    def per_class(self) -> dict[str, dict[str, float]]:
-        """``{class name: {metric: value}}`` over everything seen so far (empty for regression)."""
-        return self.compute()["per_class"]
-
-    def _num_samples(self) -> int:
-        raise NotImplementedError
-
-    def _resampled_headline(self, weights: Tensor) -> Tensor:
-        """Headline ``(R,)`` with sample ``i`` counted ``weights[r, i]`` times, ``weights`` ``(R, N)``."""
-        raise NotImplementedError
+__all__ = [
+    "IOU_THRESHOLDS", "TASK_METRICS", "ChangeMetrics", "ClassificationMetrics", "DetectionMetrics", "MultilabelMetrics",
+    "RegressionMetrics", "SegmentationMetrics", "TaskMetric", "average_precision", "bootstrap_ci", "confusion_scores",
+    "voc_match",
+]  # fmt: skip
 
 
 class ClassificationMetrics(TaskMetric):
@@ -477,181 +358,6 @@ class RegressionMetrics(TaskMetric):
 
     def _resampled_headline(self, weights: Tensor) -> Tensor:
         return self._overall(weights @ self._stats())[self.headline_name]
-
-
-IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
-"""IoU thresholds of AP@[0.5:0.95] (COCO); AP at the first one (0.5) is the VOC / DOTA headline."""
-
-
-def voc_match(iou: Tensor, det_classes: Tensor, gt_classes: Tensor, gt_ignore: Tensor,
-              thresholds: Sequence[float] = IOU_THRESHOLDS) -> Tensor:  # fmt: skip
-    """One image's detections (already in descending score order) matched as the VOC devkit does, per threshold.
-
-    Args:
-        iou: ``(D, G)`` IoU of each detection with each ground-truth object.
-        det_classes, gt_classes: ``(D,)`` and ``(G,)`` class ids.
-        gt_ignore: ``(G,)`` objects that are neither to be found nor penalised (difficult).
-        thresholds: IoU thresholds.
-
-    Returns:
-        ``(D, T)`` int8: 1 true positive, 0 false positive, -1 ignored (its best match is an ignored object).
-    """
-    d, g = iou.shape
-    out = torch.zeros(d, len(thresholds), dtype=torch.int8)
-    if d == 0 or g == 0:
-        return out
-    same = det_classes[:, None] == gt_classes[None]
-    ov = torch.where(same, iou.double(), -1.0)
-    best, j = ov.max(1)  # the devkit matches the best-overlapping object, found or not
-    best, j, ignore = best.tolist(), j.tolist(), gt_ignore.tolist()
-    for t, thr in enumerate(thresholds):
-        found = [False] * g
-        for k in range(d):
-            if best[k] > thr:
-                if ignore[j[k]]:
-                    out[k, t] = -1
-                elif not found[j[k]]:
-                    found[j[k]] = True
-                    out[k, t] = 1
-    return out
-
-
-def _detection_ap(flags: Tensor, det_image: Tensor, npos: Tensor, weights: Tensor) -> Tensor:
-    """AP ``(R, T)`` of one class under ``R`` image weightings.
-
-    Args:
-        flags: ``(D, T)`` match flags of the class's detections, in descending score order.
-        det_image: ``(D,)`` the image row (of ``npos`` and ``weights``) of each detection.
-        npos: ``(I,)`` objects of the class per image (ignored ones not counted).
-        weights: ``(R, I)`` image weights (bootstrap counts).
-    """
-    total = weights @ npos.double()  # (R,)
-    if flags.shape[0] == 0:
-        return torch.where(total > 0, 0.0, math.nan)[:, None].expand(-1, flags.shape[1]).clone()
-    w = weights[:, det_image].double()[:, :, None]  # (R, D, 1)
-    tp, fp = w * (flags == 1).double()[None], w * (flags == 0).double()[None]  # (R, D, T)
-    ctp, cfp = tp.cumsum(1), fp.cumsum(1)
-    precision = torch.nan_to_num(ctp / (ctp + cfp))
-    envelope = precision.flip(1).cummax(1).values.flip(1)  # interpolated: the best precision at any higher recall
-    ap = (tp / total.clamp_min(1e-12)[:, None, None] * envelope).sum(1)  # recall steps x interpolated precision
-    return torch.where(total[:, None] > 0, ap, math.nan)
-
-
-class DetectionMetrics(TaskMetric):
-    """Object detection: VOC AP per class at IoU 0.5 (headline ``map50``), AP@[0.5:0.95], AP@0.75, recall.
-
-    Horizontal and oriented boxes alike: IoU is that of the rotated rectangles' polygons
-    (:func:`pipeline.geometry.rotated_iou`; pairs of axis-aligned boxes take the exact rectangle formula).
-
-    ``update(preds, target)``: ``preds`` one dict per image ``{"boxes": (D, 5), "scores": (D,), "classes": (D,)}``
-    (a detection task's decoded output); ``target`` a collated detection label ``{"boxes": (B, M, 5), "classes":
-    (B, M) with IGNORE padding, "ignore": (B, M)}``. The states are per-detection match flags and per-image object
-    counts, which are also the per-sample statistics of :func:`bootstrap_ci` (the image is resampled).
-
-    Args:
-        num_classes: K (or give ``class_names``).
-        class_names: names of the classes in id order.
-        per_sample: accepted for the common signature (detection always keeps per-image statistics).
-        thresholds: IoU thresholds (the first is the headline's).
-        kwargs: torchmetrics ``Metric`` options.
-    """
-
-    task = "detection"
-    headline_name = "map50"
-    higher_is_better = True
-    dets: list[Tensor]
-    images: list[Tensor]
-
-    def __init__(self, num_classes: int | None = None, class_names: Sequence[str] | None = None,
-                 per_sample: bool = True, thresholds: Sequence[float] = IOU_THRESHOLDS, **kwargs: Any):  # fmt: skip
-        super().__init__(**kwargs)
-        self.class_names = _class_names(num_classes, class_names)
-        self.num_classes = len(self.class_names)
-        self.thresholds = tuple(float(t) for t in thresholds)
-        self.add_state("dets", [], dist_reduce_fx="cat")  # (D, 3 + T): image id, class, score, flags
-        self.add_state("images", [], dist_reduce_fx="cat")  # (I, 1 + K): image id, objects per class
-        self.seen = 0
-
-    def _image_id(self) -> int:
-        """Unique over DDP ranks (gathered states are concatenated): local index x world + rank."""
-        import torch.distributed as dist
-
-        on = dist.is_available() and dist.is_initialized()
-        world, rank = (dist.get_world_size(), dist.get_rank()) if on else (1, 0)
-        self.seen += 1
-        return (self.seen - 1) * world + rank
-
-    def update(self, preds: Sequence[dict[str, Any]], target: dict[str, Tensor]) -> None:  # noqa: D102
-        from pipeline.geometry import rotated_iou
-
-        if not isinstance(target, dict) or len(preds) != len(target["classes"]):
-            raise ValueError("detection metrics take one prediction dict per image and a collated box label")
-        k = self.num_classes
-        for i, pred in enumerate(preds):
-            real = target["classes"][i] >= 0
-            gt_boxes = target["boxes"][i][real].detach().double().cpu()
-            gt_cls, gt_ign = target["classes"][i][real].cpu(), target["ignore"][i][real].cpu()
-            boxes = torch.as_tensor(pred["boxes"], dtype=torch.float64).reshape(-1, 5)
-            scores = torch.as_tensor(pred["scores"], dtype=torch.float64).reshape(-1)
-            classes = torch.as_tensor(pred["classes"], dtype=torch.long).reshape(-1)
-            _check_ids(gt_cls, k, "target classes", allow_ignore=False)
-            _check_ids(classes, k, "predicted classes", allow_ignore=False)
-            order = torch.from_numpy(np.lexsort((np.arange(len(scores)), -scores.numpy())))
-            boxes, scores, classes = boxes[order], scores[order], classes[order]
-            iou = torch.from_numpy(rotated_iou(boxes.numpy(), gt_boxes.numpy()))
-            flags = voc_match(iou, classes, gt_cls, gt_ign, self.thresholds)
-            image = self._image_id()
-            head = torch.stack([torch.full_like(scores, image), classes.double(), scores], 1)
-            self.dets.append(torch.cat([head, flags.double()], 1).to(self.device))
-            counts = torch.bincount(gt_cls[~gt_ign], minlength=k)[:k].double()
-            self.images.append(torch.cat([torch.tensor([float(image)]), counts])[None].to(self.device))
-
-    def _data(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Detections ``(D, 3 + T)``, their image rows, and ``(I, K)`` objects per image (rows by image id)."""
-        t = len(self.thresholds)
-        dets = dim_zero_cat(self.dets).cpu() if len(self.dets) else torch.zeros(0, 3 + t, dtype=torch.float64)
-        images = dim_zero_cat(self.images).cpu() if len(self.images) else torch.zeros(0, 1 + self.num_classes)
-        order = images[:, 0].argsort()
-        images = images[order]
-        rows = torch.searchsorted(images[:, 0].contiguous(), dets[:, 0].contiguous())
-        return dets, rows, images[:, 1:].double()
-
-    def _ap(self, weights: Tensor | None = None) -> Tensor:
-        """AP ``(R, K, T)`` per class and threshold under image weightings ``(R, I)`` (None: one of ones)."""
-        dets, rows, npos = self._data()
-        w = torch.ones(1, len(npos), dtype=torch.float64) if weights is None else weights.double().cpu()
-        out = []
-        for c in range(self.num_classes):
-            mine = dets[:, 1] == c
-            d, r = dets[mine], rows[mine]
-            order = torch.from_numpy(np.lexsort((r.numpy(), -d[:, 2].numpy()))) if len(d) else torch.zeros(0).long()
-            out.append(_detection_ap(d[order, 3:], r[order], npos[:, c], w))
-        return torch.stack(out, 1)  # (R, K, T)
-
-    def compute(self) -> dict[str, Any]:  # noqa: D102
-        ap = self._ap()[0]  # (K, T)
-        dets, _, npos = self._data()
-        t75 = min(range(len(self.thresholds)), key=lambda i: abs(self.thresholds[i] - 0.75))
-        support = npos.sum(0)
-        found = torch.stack([((dets[:, 1] == c) & (dets[:, 3] == 1)).sum() for c in range(self.num_classes)])
-        per_class = {
-            c: {"ap": _value(ap[i, 0]), "ap50_95": _value(ap[i].mean()), "recall": _value(found[i] / support[i]),
-                "support": _value(support[i]), "detections": int((dets[:, 1] == i).sum())}
-            for i, c in enumerate(self.class_names)
-        }  # fmt: skip
-        return {
-            "task": self.task, "headline": self.headline_name,
-            "overall": {"map50": _value(ap[:, 0].nanmean()), "map50_95": _value(ap.mean(1).nanmean()),
-                        "map75": _value(ap[:, t75].nanmean()), "classes_scored": int((~ap[:, 0].isnan()).sum())},
-            "per_class": per_class, "class_names": list(self.class_names), "n_samples": len(npos),
-            "iou_thresholds": list(self.thresholds),
-        }  # fmt: skip
-
-    def _num_samples(self) -> int:
-        return len(self._data()[2])
-
-    def _resampled_headline(self, weights: Tensor) -> Tensor:
-        return self._ap(weights)[:, :, 0].nanmean(1)
 
 
 TASK_METRICS: dict[str, type[TaskMetric]] = {
