@@ -29,6 +29,7 @@ from pipeline.mosaic.archive import (
     dequantize,
     open_archive,
 )
+from pipeline.mosaic.patch_index import PatchIndex
 from pipeline.mosaic.patches import PatchGrid, quantize_rows
 from pipeline.mosaic.search import ArchiveSearcher, search_archive
 from pipeline.mosaic.stitch import stitch_tiles
@@ -147,7 +148,7 @@ def test_killed_index_build_resumes(chip, tmp_path):
     status = ann.index_status(url, archive_meta(url))
     assert not status.fresh and "not indexed" in status.describe()
     with pytest.raises(ann.StaleIndexError, match=r"stale .* run `skypipe archive index"):
-        ann.PatchIndex.open(url, archive_meta(url), update=False)
+        PatchIndex.open(url, archive_meta(url), update=False)
     done = _index_cmd(url, {})
     assert done.returncode == 0, done.stderr
     final = ann.read_state(url)

@@ -2,7 +2,7 @@
 
 A query is the patch at a point (``lonlat``), the mean patch vector inside polygons (``geometry``), or a vector from a
 file that carries its provenance (``vector``; :func:`read_query_vector`). Prefilters (bounding box in degrees, time
-range, mosaic names) select rows before the index is searched (:meth:`pipeline.mosaic.ann.PatchIndex.search`).
+range, mosaic names) select rows before the index is searched (:meth:`.patch_index.PatchIndex.search`).
 
 Outputs of :func:`write_search` in ``out``::
 
@@ -28,8 +28,8 @@ import pyproj
 import shapely
 
 from pipeline import storage
-from pipeline.mosaic.ann import PatchIndex
 from pipeline.mosaic.archive import archive_meta, check_provenance
+from pipeline.mosaic.patch_index import PatchIndex
 from pipeline.mosaic.patches import PatchGrid
 
 log = logging.getLogger(__name__)
