@@ -49,21 +49,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import fsspec
 import geopandas as gpd
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import pyproj
-import shapely
 import xarray as xr
 
 from pipeline.infer.store import open_tile_store
 from pipeline.lease import LEASE_FILE, LOCK_FILE, OutputLease
 from pipeline.mosaic import ann, patches
+from pipeline.mosaic.quantize import dequantize, quantize
 from pipeline.mosaic.stitch import MOSAIC_VAR, open_mosaic
+from pipeline.mosaic.tile_table import DESCRIBE, canonical, read_table, tile_table, write_table
 from pipeline.storage import exists, read_json, remove, store_path, write_json
 from pipeline.storage import join as join_url
 
@@ -71,9 +69,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "skypipe-embedding-archive"
 VERSION = 1
-QNODATA = -128
 _IDENTITY = ("checkpoint_sha256", "preprocessing")  # what must match for embeddings to be comparable
-_DESCRIBE = ("model", "code_version", "checkpoint", "checkpoint_sha256", "preprocessing")
 
 
 class ProvenanceError(ValueError):
@@ -84,108 +80,19 @@ class DuplicateSourcesError(ValueError):
     """The tiles of a mosaic are already in the archive under another name."""
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
 def _summary(prov: dict[str, Any]) -> str:
-    pre = _canonical(prov.get("preprocessing"))
+    pre = canonical(prov.get("preprocessing"))
     return f"model {prov.get('model')!r} (checkpoint sha256 {prov.get('checkpoint_sha256')}, preprocessing {pre})"
 
 
 def check_provenance(expected: dict[str, Any], actual: dict[str, Any], *, what: str, against: str) -> None:
     """Raise :class:`ProvenanceError` unless ``actual`` has the same checkpoint sha256 and preprocessing."""
-    differ = [k for k in _IDENTITY if _canonical(expected.get(k)) != _canonical(actual.get(k))]
+    differ = [k for k in _IDENTITY if canonical(expected.get(k)) != canonical(actual.get(k))]
     if differ:
         raise ProvenanceError(
             f"refusing to mix embeddings: {what} comes from {_summary(actual)}, but {against} holds "
             f"{_summary(expected)} ({' and '.join(differ)} differ)"
         )
-
-
-def quantize(emb: xr.DataArray) -> xr.Dataset:
-    """Per-channel int8 quantization of a lazy ``(band, y, x)`` float array (one extra pass for min / max).
-
-    Returns:
-        ``embedding`` (band, y, x) int8 with -128 where NaN, and ``scale`` / ``zero_point`` (band,) float64.
-    """
-    lo, hi = dask.compute(emb.min(dim=("y", "x"), skipna=True), emb.max(dim=("y", "x"), skipna=True))
-    lo, hi = np.nan_to_num(lo.values.astype(np.float64)), np.nan_to_num(hi.values.astype(np.float64))
-    scale = np.where(hi > lo, (hi - lo) / 254.0, 1.0)
-    zero_point = -127.0 - lo / scale  # x = scale * (q - zero_point)
-    s = xr.DataArray(scale, dims="band")
-    z = xr.DataArray(zero_point, dims="band")
-    q = (emb / s + z).round().clip(-127, 127).fillna(QNODATA).astype(np.int8)
-    q.attrs = {"long_name": "int8 embedding", "nodata": QNODATA, "dequantize": "scale * (q - zero_point)"}
-    return xr.Dataset({"embedding": q, "scale": s, "zero_point": z})  # float64: (band,) only
-
-
-def dequantize(ds: xr.Dataset) -> xr.DataArray:
-    """Float32 ``(band, y, x)`` embeddings of an archive mosaic (lazy), NaN where there is no data."""
-    emb = ds["embedding"]
-    if emb.dtype != np.int8:
-        return emb.astype(np.float32)
-    scale = ds["scale"].astype(np.float64)
-    offset = (-scale * ds["zero_point"]).astype(np.float32)  # x = q * scale + offset, in float32 per block
-    out = (emb.astype(np.float32) * scale.astype(np.float32) + offset).where(emb != QNODATA)
-    return out.astype(np.float32).transpose("band", "y", "x")
-
-
-def _tile_table(store: Any, mosaic_name: str, table_crs: str | None) -> pa.Table:
-    """GeoParquet-ready Arrow table of the done tiles' pooled vectors (geometry as WKB in ``table_crs``)."""
-    done = store.done
-    prov = store.provenance
-    vectors = np.asarray(store.group["pooled"][:], dtype=np.float32)[done]  # (M, C)
-    bounds = np.array([store.footprint_bounds(i) for i in done.tolist()]).reshape(-1, 4)
-    geoms = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-    grid_crs = pyproj.CRS.from_user_input(store.crs)
-    if table_crs is not None and not grid_crs.equals(pyproj.CRS.from_user_input(table_crs)):
-        geoms = gpd.GeoSeries(geoms, crs=grid_crs).to_crs(table_crs).values  # one table, one CRS
-    start, end = [*(prov.get("time") or []), None, None][:2]
-    n = len(done)
-    cols = {
-        "tile_id": done,
-        "mosaic": [mosaic_name] * n,
-        "row": store.origins[done, 0],
-        "col": store.origins[done, 1],
-        "time_start": [start] * n,
-        "time_end": [end] * n,
-        **{k: [None if prov.get(k) is None else str(prov.get(k))] * n for k in _DESCRIBE[:-1]},
-        "preprocessing": [_canonical(prov.get("preprocessing"))] * n,
-        "grid_crs": [grid_crs.to_string()] * n,
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
-        "geometry": pa.array(shapely.to_wkb(geoms), pa.binary()),
-    }
-    return pa.table({k: v if isinstance(v, pa.Array) else pa.array(v, type=_col_type(k)) for k, v in cols.items()})
-
-
-def _col_type(name: str) -> pa.DataType:
-    return pa.int64() if name in ("tile_id", "row", "col") else pa.string()
-
-
-def _geo_metadata(table: pa.Table, crs: str) -> dict[bytes, bytes]:
-    geoms = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
-    col = {
-        "encoding": "WKB",
-        "geometry_types": sorted({g.geom_type for g in geoms}) if len(geoms) else [],
-        "crs": pyproj.CRS.from_user_input(crs).to_json_dict(),
-        "bbox": [float(v) for v in shapely.total_bounds(geoms)] if len(geoms) else [],
-    }
-    meta = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
-    return {b"geo": json.dumps(meta).encode()}
-
-
-def _write_table(url: str, table: pa.Table, crs: str) -> None:
-    table = table.replace_schema_metadata(_geo_metadata(table, crs))
-    fs, path = fsspec.core.url_to_fs(url)
-    with fs.open(path + ".tmp", "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(path + ".tmp", path)  # readers never see half a table
-
-
-def _read_table(url: str) -> pa.Table:
-    with fsspec.open(url, "rb") as f:
-        return pq.read_table(f)
 
 
 def _write_mosaic(mosaic: xr.Dataset, url: str, quantized: bool, name: str) -> None:
@@ -307,9 +214,9 @@ def _add(archive_url: str, meta: dict[str, Any], src: _Sources, name: str | None
     _write_mosaic(src.mosaic, join_url(archive_url, "mosaics", f"{name}.zarr"), meta["quantized"], name)
     patch_record = _write_patches(archive_url, meta, name)
     table_url = join_url(archive_url, "tiles.parquet")
-    new = _tile_table(src.store, name, meta["crs"])
+    new = tile_table(src.store, name, meta["crs"])
     if exists(table_url):
-        old = _read_table(table_url).replace_schema_metadata(None)
+        old = read_table(table_url).replace_schema_metadata(None)
         if old.schema.field("vector").type != new.schema.field("vector").type:
             raise ProvenanceError(f"vector type {new.schema.field('vector').type} != {old.schema.field('vector').type}")
         committed = pc.is_in(old["mosaic"], value_set=pa.array(meta["mosaics"], pa.string()))
@@ -318,7 +225,7 @@ def _add(archive_url: str, meta: dict[str, Any], src: _Sources, name: str | None
             log.warning("%s: dropping %d table rows of an append that did not finish", archive_url, orphans)
             old = old.filter(committed)
         new = pa.concat_tables([old, new])
-    _write_table(table_url, new, meta["crs"])
+    write_table(table_url, new, meta["crs"])
     meta["mosaics"].append(name)
     sources[name] = {**src.record(), "patches": patch_record}
     write_json(join_url(archive_url, "archive.json"), meta, indent=1)  # the commit point
@@ -385,7 +292,7 @@ def build_archive(
     patch_settings = _patch_settings(patch_size, min_valid, rows_per_file)
     with OutputLease(archive_url, what="embedding archive", force=break_lease):
         src = _Sources.open(mosaic_url, tiles_url)
-        prov = {k: src.store.provenance.get(k) for k in _DESCRIBE}
+        prov = {k: src.store.provenance.get(k) for k in DESCRIBE}
         meta = {"format": FORMAT, "version": VERSION, "provenance": prov, "quantized": bool(quantize),
                 "crs": src.store.crs, "patches": patch_settings, "mosaics": [], "sources": {}}  # fmt: skip
         old = _read_meta(archive_url)

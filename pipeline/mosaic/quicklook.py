@@ -177,7 +177,7 @@ def quicklook(mosaic_url: str, png_path: str, style: str | None = None, *, max_s
     elif style == "pca":
         data = ds[var]
         if "scale" in ds:  # an int8 archive mosaic
-            from pipeline.mosaic.archive import dequantize
+            from pipeline.mosaic.quantize import dequantize
 
             data = dequantize(ds)
         rgba = pca_rgb(data, ds.get("valid"))

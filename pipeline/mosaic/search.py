@@ -271,7 +271,7 @@ def hits_quicklook(searcher: ArchiveSearcher, result: SearchResult, png: str, ma
     """The mosaic with most hits in PCA colours, hits outlined on top (rank 1 brightest), the query patch in white."""
     from PIL import Image, ImageDraw
 
-    from pipeline.mosaic.archive import dequantize
+    from pipeline.mosaic.quantize import dequantize
     from pipeline.mosaic.quicklook import decimate, pca_rgb, save_png
     from pipeline.mosaic.stitch import open_mosaic
 

@@ -129,7 +129,7 @@ def rgb_cog(rgba_HW4: np.ndarray, crs: Any, bounds: tuple[float, float, float, f
 
 def pca_layer(ds: xr.Dataset, title: str, cache: str, key: str, max_size: int, group: str = "") -> Layer:
     """The embedding PCA of a mosaic (stitcher ``data`` or archive ``embedding``) as an RGB COG layer."""
-    from pipeline.mosaic.archive import dequantize
+    from pipeline.mosaic.quantize import dequantize
     from pipeline.mosaic.quicklook import decimate, pca_rgb
 
     small = decimate(ds, max_size).load()  # one read of the decimated pixels; the PCA then runs in memory
