@@ -25,7 +25,7 @@ from shared_data import needs_shared, shared_path
 
 from pipeline.cli import main
 from pipeline.finetune.checkpoint import AdapterMismatchError, read_task_meta
-from pipeline.finetune.loop import run_loop
+from pipeline.finetune.loop import ResumeMismatchError, run_loop
 from pipeline.finetune.spec import FinetuneSpecError, parse_finetune
 from pipeline.infer.task import resolve_task
 
@@ -204,6 +204,28 @@ def test_a_killed_run_resumes_to_the_same_model(backbone, tmp_path):
     a, b = (torch.load(s.model_path, weights_only=True)["state_dict"] for s in (reference, killed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_run_is_not_resumed_on_another_backbone(backbone, tmp_path, capsys):
+    """The saved state holds the whole model: resuming it after `backbone:` changed would mislabel the result."""
+    import yaml
+
+    from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
+
+    first = _spec(tmp_path, backbone, task="classification", modalities=["hr"], data=RSSCN7, steps=2, eval_every=2)
+    run_loop(first, progress=False)
+    other = tmp_path / "other.pt"
+    save_checkpoint(load_checkpoint(backbone)[0], other, provenance={"note": "another backbone"})
+    moved = first.model_copy(update={"backbone": str(other)})
+    with pytest.raises(ResumeMismatchError, match="holds a run started on another backbone"):
+        run_loop(moved, progress=False)
+    job = tmp_path / "ft.yaml"
+    job.write_text(yaml.safe_dump(moved.model_dump(mode="json")))
+    assert main(["finetune", str(job), "--no-progress"]) == 2  # refused before Ray starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set a new `storage`" in err[0]
+    again = first.model_copy(update={"steps": 3})  # the same backbone: resumes
+    assert run_loop(again, progress=False)["resumed_from"] == 2
 
 
 def test_spec_errors_name_the_field(backbone, tmp_path):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from pipeline import storage
+from pipeline.errors import UserError
 from pipeline.finetune.checkpoint import TaskMeta, save_adapter, save_full
 from pipeline.finetune.data import label_stats, open_dataset
 from pipeline.finetune.evaluate import evaluate, predict
@@ -142,9 +143,38 @@ def _restore(run: Run) -> None:
     log.info("resuming %s at step %d (best %s at step %d)", run.spec.name, run.start_step, run.best, run.best_step)
 
 
+class ResumeMismatchError(UserError):
+    """The spec's storage holds a run that was started on another backbone."""
+
+
+def check_resumable(spec: FinetuneSpec) -> None:
+    """Refuse to resume a run whose saved state was trained on another backbone than the spec's.
+
+    The state holds the whole task model, backbone included: resuming it after ``backbone:`` changed would train on
+    the old weights and label the result with the new checkpoint's sha256.
+    """
+    from pipeline.model.checkpoint import checkpoint_sha256
+
+    url = _state_url(spec)
+    if not storage.exists(url):
+        return
+    saved = read_checkpoint(url, formats=(STATE_FORMAT,)).get("backbone") or {}
+    if not saved:
+        log.warning("%s: the saved state does not record its backbone (written before it did); resuming", url)
+        return
+    sha = None if saved.get("sha256") is None else checkpoint_sha256(spec.backbone)
+    if saved.get("sha256") != sha or (sha is None and saved.get("path") != spec.backbone):
+        was, now = str(saved.get("sha256") or saved.get("path"))[:12], str(sha or spec.backbone)[:12]
+        raise ResumeMismatchError(
+            f"{spec.storage} holds a run started on another backbone ({was}, now {now}): set a new `storage` in the"
+            " spec, or delete that folder to start over"
+        )
+
+
 def _save_state(run: Run, step: int) -> None:
     payload = {
         "format": STATE_FORMAT, "step": step, "best": run.best, "best_step": run.best_step,
+        "backbone": dict(run.meta.backbone),
         "history": json.dumps(run.history), "model": {k: v.detach().cpu() for k, v in run.task.state_dict().items()},
         "optimizer": run.optimizer.state_dict(),
     }  # fmt: skip
@@ -220,6 +250,7 @@ def run_loop(spec: FinetuneSpec, rank: int = 0, world: int = 1, device: torch.de
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    check_resumable(spec)
     run = setup(spec, rank, world, device)
     writer = SummaryWriter(storage.join(spec.storage, "tb")) if rank == 0 and "://" not in spec.storage else None
     bar = tqdm(total=spec.steps, initial=run.start_step, desc=spec.name, unit="step", disable=not progress or rank)
@@ -291,6 +322,7 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True) -> dict[str, Any]:
 
     from pipeline.train.loop import init_local_ray
 
+    check_resumable(spec)
     summary_url = storage.join(spec.storage, "summary.json")
     storage.remove(summary_url)
     init_local_ray(num_cpus=spec.workers * spec.cpus_per_worker, num_gpus=spec.workers if spec.use_gpu else None)
