@@ -39,6 +39,11 @@ _RUN_ERRORS: tuple[type[BaseException], ...] = (RunFailedError,)
 __all__ = ["UserError", "build_parser", "main"]
 
 
+def _own_info(record: logging.LogRecord) -> bool:
+    """Without ``-v``: INFO lines of skypipe only (libraries' INFO, e.g. faiss probing its CPU builds, is noise)."""
+    return record.levelno >= logging.WARNING or record.name.partition(".")[0] in ("pipeline", "__main__")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``skypipe`` argument parser."""
     from pipeline import __version__
@@ -69,7 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or args.verbose
+    fresh = not logging.getLogger().handlers  # else an embedding program (or pytest) owns the logging set-up
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if fresh and not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_info)
     install_redaction()  # signed URLs' tokens never reach a log line
     if not getattr(args, "func", None):
         parser.print_help()

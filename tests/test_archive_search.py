@@ -265,6 +265,11 @@ def test_search_cli_outputs_filters_and_bad_input(slovenia_archives, tmp_path, c
     again = gpd.read_parquet(tmp_path / "v" / "hits.parquet")
     assert again[["mosaic", "patch_id"]].equals(hits[["mosaic", "patch_id"]])
     assert not (tmp_path / "v" / "quicklook.png").exists()
+    # as a command: its answer, not libraries' INFO lines (faiss probing its CPU builds, numexpr's threads)
+    cmd = [sys.executable, "-m", "pipeline.cli", "archive", "search", url, *again_argv[:-1], str(tmp_path / "w")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "30 hits of" in proc.stdout, proc.stderr
+    assert "faiss" not in proc.stderr and "numexpr" not in proc.stderr, proc.stderr
     assert cli(["archive", "search", url, "--vector", str(out / "query.json"), "--time", "2015-08-01", "2015-12-31",
                 "--out", str(tmp_path / "t")]) == 0  # fmt: skip
     assert set(gpd.read_parquet(tmp_path / "t" / "hits.parquet")["mosaic"]) == {"0001"}
