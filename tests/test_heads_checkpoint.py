@@ -114,8 +114,10 @@ def test_truncated_checkpoint_is_refused(tmp_path, keep) -> None:
 
 
 def test_committed_checkpoint_loads_strictly_with_unchanged_outputs() -> None:
-    """The committed checkpoint still matches the architecture, and gives the outputs recorded before the stage
-    blocks were injected (pipeline at 44adcd6), in both attention contexts."""
+    """The committed checkpoint still matches the architecture, and gives the outputs that the code before the stage
+    blocks were injected (pipeline at 44adcd6, ``backbone.set_context_radius``) computes for it, in both attention
+    contexts. A new committed checkpoint needs its values recorded with that code (``git worktree add`` 44adcd6)."""
+    assert checkpoint_sha256(COMMITTED).startswith("d365469f383a"), "another committed checkpoint: re-record below"
     g = torch.Generator().manual_seed(0)
     inputs = {
         "s2": ModalityInput(torch.randn(1, 2, 10, 16, 16, generator=g), doy=torch.tensor([[30, 200]])),
@@ -123,8 +125,8 @@ def test_committed_checkpoint_loads_strictly_with_unchanged_outputs() -> None:
         "hr": ModalityInput(torch.randn(1, 1, 3, 256, 256, generator=g), gsd=0.625),
     }
     recorded = {
-        None: ([0.20785989, -0.21199733, -1.22887325, -0.01882648, -0.74704564, 0.69295686], 0.80316007),
-        3: ([0.34682173, -0.14403865, -1.22453463, -0.07439867, -0.90149993, 0.78916526], 0.80104494),
+        None: ([1.59263861, 0.80932236, 0.22848989, -1.73441422, -0.33071807, 0.05878937], 0.81068617),
+        3: ([1.62392974, 0.65961903, 0.23114212, -1.6897409, -0.23750021, 0.07227901], 0.80754119),
     }
     for radius, (values, abs_mean) in recorded.items():
         model, _ = load_checkpoint(COMMITTED, strict=True, context_radius=radius)
