@@ -32,7 +32,6 @@ from pipeline.train.spec import load_pretrain_spec
 from pipeline.train.state import export_model, list_checkpoints
 
 SHIPPED = Path("checkpoints/skysense_v2_tiny_ssl.pt")
-KEY = HEADLINE
 
 
 def export_teacher(path: str, out: Path) -> None:
@@ -58,7 +57,7 @@ def score_val(storage: str, linear: bool, every: int, last: int | None) -> dict[
     return {int(f.stem.split("_")[1]): json.loads(f.read_text()) for f in sorted(out.glob("step_*.json"))}
 
 
-COLUMNS = (("kNN 1x", "rsscn7/knn/plain"), ("kNN shifted", KEY), ("linear 1x", "rsscn7/linear/plain"),
+COLUMNS = (("kNN 1x", "rsscn7/knn/plain"), ("kNN shifted", HEADLINE), ("linear 1x", "rsscn7/linear/plain"),
            ("linear shifted", "rsscn7/linear/shifted"), ("BEN mAP", "bigearthnet/map"))  # fmt: skip
 
 
@@ -79,7 +78,7 @@ def curve(results: dict[int, dict], baseline: dict | None) -> str:
 def pick(results: dict[int, dict]) -> int:
     """The step with the best VAL kNN on shifted views (ties: kNN at zoom 1, then the later step)."""
     m = {s: r["metrics"] for s, r in results.items()}
-    return max(m, key=lambda s: (round(m[s][KEY]["mean"], 6), round(m[s]["rsscn7/knn/plain"]["mean"], 6), s))
+    return max(m, key=lambda s: (round(m[s][HEADLINE]["mean"], 6), round(m[s]["rsscn7/knn/plain"]["mean"], 6), s))
 
 
 def main() -> int:

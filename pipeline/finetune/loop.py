@@ -30,7 +30,14 @@ from pipeline.finetune.checkpoint import TaskMeta, save_adapter, save_full
 from pipeline.finetune.data import label_stats, open_dataset
 from pipeline.finetune.evaluate import evaluate, predict
 from pipeline.finetune.losses import auto_class_weights, make_loss
-from pipeline.finetune.model import build_model, load_backbone, lora_config, set_train_mode, trainable_summary
+from pipeline.finetune.model import (
+    backbone_sha256,
+    build_model,
+    load_backbone,
+    lora_config,
+    set_train_mode,
+    trainable_summary,
+)
 from pipeline.finetune.sample import collate, to_device
 from pipeline.finetune.spec import FinetuneSpec
 from pipeline.model.checkpoint import read_checkpoint, write_payload
@@ -136,6 +143,7 @@ def _restore(run: Run) -> None:
     if not storage.exists(url):
         return
     state = read_checkpoint(url, formats=(STATE_FORMAT,))
+    _check_backbone(run.spec, state, run.meta.backbone)
     run.task.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.start_step, run.best, run.best_step = int(state["step"]), state["best"], int(state["best_step"])
@@ -147,28 +155,32 @@ class ResumeMismatchError(UserError):
     """The spec's storage holds a run that was started on another backbone."""
 
 
-def check_resumable(spec: FinetuneSpec) -> None:
-    """Refuse to resume a run whose saved state was trained on another backbone than the spec's.
+def _check_backbone(spec: FinetuneSpec, state: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a saved ``state`` trained on another backbone than ``current`` (``{"path", "sha256"}``).
 
     The state holds the whole task model, backbone included: resuming it after ``backbone:`` changed would train on
     the old weights and label the result with the new checkpoint's sha256.
     """
-    from pipeline.model.checkpoint import checkpoint_sha256
-
-    url = _state_url(spec)
-    if not storage.exists(url):
-        return
-    saved = read_checkpoint(url, formats=(STATE_FORMAT,)).get("backbone") or {}
+    saved = state.get("backbone") or {}
     if not saved:
-        log.warning("%s: the saved state does not record its backbone (written before it did); resuming", url)
+        log.warning("%s: the saved state does not record its backbone (written before it did); resuming", spec.storage)
         return
-    sha = None if saved.get("sha256") is None else checkpoint_sha256(spec.backbone)
-    if saved.get("sha256") != sha or (sha is None and saved.get("path") != spec.backbone):
-        was, now = str(saved.get("sha256") or saved.get("path"))[:12], str(sha or spec.backbone)[:12]
+    sha = current.get("sha256")
+    if saved.get("sha256") != sha or (sha is None and saved.get("path") != current.get("path")):
+        was, now = str(saved.get("sha256") or saved.get("path"))[:12], str(sha or current.get("path"))[:12]
         raise ResumeMismatchError(
             f"{spec.storage} holds a run started on another backbone ({was}, now {now}): set a new `storage` in the"
             " spec, or delete that folder to start over"
         )
+
+
+def check_resumable(spec: FinetuneSpec) -> None:
+    """On the driver, before Ray starts: the check that ``_restore`` makes on every rank, as a one-line error."""
+    url = _state_url(spec)
+    if not storage.exists(url):
+        return
+    current = {"path": spec.backbone, "sha256": backbone_sha256(spec.backbone)}
+    _check_backbone(spec, read_checkpoint(url, formats=(STATE_FORMAT,)), current)
 
 
 def _save_state(run: Run, step: int) -> None:
@@ -250,7 +262,6 @@ def run_loop(spec: FinetuneSpec, rank: int = 0, world: int = 1, device: torch.de
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    check_resumable(spec)
     run = setup(spec, rank, world, device)
     writer = SummaryWriter(storage.join(spec.storage, "tb")) if rank == 0 and "://" not in spec.storage else None
     bar = tqdm(total=spec.steps, initial=run.start_step, desc=spec.name, unit="step", disable=not progress or rank)

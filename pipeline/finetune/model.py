@@ -50,21 +50,33 @@ class Backbone:
         return self.sha256 is None
 
 
+def _is_random_init(name_or_path: str) -> bool:
+    from pipeline.infer.task import is_model_name
+
+    return is_model_name(name_or_path) or name_or_path in MODEL_CONFIGS
+
+
+def backbone_sha256(name_or_path: str) -> str | None:
+    """The identity :func:`load_backbone` gives ``name_or_path``: its checkpoint's sha256, None for a random init."""
+    from pipeline.model.checkpoint import checkpoint_sha256
+
+    return None if _is_random_init(name_or_path) else checkpoint_sha256(name_or_path)
+
+
 def load_backbone(name_or_path: str, seed: int = 0, context_radius: int | None = None) -> Backbone:
     """A pre-trained checkpoint, or (for a model name) a random init seeded with ``seed`` (the baseline).
 
     ``context_radius`` sets the stage-3/4 context (None: global attention, as pre-trained).
     """
-    from pipeline.infer.task import is_model_name
-    from pipeline.model.checkpoint import checkpoint_sha256, load_checkpoint
+    from pipeline.model.checkpoint import load_checkpoint
 
-    if is_model_name(name_or_path) or name_or_path in MODEL_CONFIGS:
+    if _is_random_init(name_or_path):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = SkySenseV2(get_config(name_or_path), context_radius=context_radius)
         return Backbone(model, name_or_path, None)
     model, _ = load_checkpoint(name_or_path, context_radius=context_radius)
-    return Backbone(model, name_or_path, checkpoint_sha256(name_or_path))
+    return Backbone(model, name_or_path, backbone_sha256(name_or_path))
 
 
 def build_model(
