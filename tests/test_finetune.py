@@ -228,6 +228,28 @@ def test_a_run_is_not_resumed_on_another_backbone(backbone, tmp_path, capsys):
     assert run_loop(again, progress=False)["resumed_from"] == 2
 
 
+@pytest.mark.slow
+def test_bad_data_is_one_line_before_and_after_ray_starts(backbone, tmp_path, capsys):
+    """A missing data folder is refused before Ray starts; data a worker cannot use (a folder without the
+    spec's class sub-folders) fails in the worker, and the command still prints the worker's one line and exits 2."""
+    import yaml
+
+    def finetune(path: Path) -> list[str]:
+        spec = _spec(tmp_path, backbone, task="classification", modalities=["hr"], steps=2, max_failures=0,
+                     data=RSSCN7 | {"path": str(path)})  # fmt: skip
+        job = tmp_path / "ft.yaml"
+        job.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        assert main(["finetune", str(job), "--no-progress"]) == 2
+        return capsys.readouterr().err.strip().splitlines()
+
+    err = finetune(tmp_path / "nowhere")
+    assert len(err) == 1 and "data[0].path" in err[0] and "nowhere not found" in err[0], err
+    (tmp_path / "empty").mkdir()
+    err = finetune(tmp_path / "empty")
+    assert err[-1].startswith("skypipe: error:") and "empty/aGrass not found" in err[-1], err[-3:]
+    assert not (tmp_path / "store" / "summary.json").exists()
+
+
 def test_spec_errors_name_the_field(backbone, tmp_path):
     with pytest.raises(FinetuneSpecError, match=r"task: .*'embeddings' is not a task to fine-tune"):
         _spec(tmp_path, backbone, task="embeddings", modalities=["hr"], data=RSSCN7)

@@ -331,8 +331,9 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train.loop import init_local_ray
+    from pipeline.train.loop import fit, init_local_ray, require_data
 
+    require_data([str(d.path) for d in spec.datasets])
     check_resumable(spec)
     summary_url = storage.join(spec.storage, "summary.json")
     storage.remove(summary_url)
@@ -347,5 +348,5 @@ def run_finetune(spec: FinetuneSpec, progress: bool = True) -> dict[str, Any]:
         run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage,
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )  # fmt: skip
-    trainer.fit()  # raises if a worker failed
+    fit(trainer)  # raises if a worker failed
     return storage.read_json(summary_url)

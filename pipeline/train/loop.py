@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.model import SkySenseV2, create_model
 
 from .data import MixedDataset, StepBatchSampler, batch_region, build_sources, make_loader, to_model_inputs
@@ -309,6 +310,45 @@ def init_local_ray(num_cpus: int, num_gpus: int | None = None) -> None:
              include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=True)  # fmt: skip
 
 
+def require_data(paths: list[str], spec_path: str = "data") -> None:
+    """Refuse, on the driver before Ray starts, a spec whose data paths do not exist (one line, exit 2).
+
+    Without it the error surfaces in every worker, as Ray's tracebacks, once per worker-group restart. Skipped when
+    ``RAY_ADDRESS`` names a cluster: the driver may not see the workers' file systems or credentials, and
+    :func:`fit` still reports the workers' error in one line.
+    """
+    from pipeline import storage
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    for i, path in enumerate(paths):
+        if not storage.exists(path):
+            raise UserError(f"{spec_path}[{i}].path: {path} not found; fix the path in the spec")
+
+
+def fit(trainer: Any) -> None:
+    """``trainer.fit()``, raising a worker's user error again on the driver (one line and exit 2 on the CLI).
+
+    User errors are a missing data folder, a file that does not hold what the spec says, a backbone mismatch.
+
+    [ours] Ray Train wraps every worker exception in a ``WorkerGroupError`` whose message is the worker's
+    traceback; ``worker_failures`` keeps the exceptions themselves (a ``RayTaskError`` keeps the original in
+    ``cause``).
+    """
+    from ray.train import WorkerGroupError
+
+    try:
+        trainer.fit()
+    except WorkerGroupError as err:
+        for failure in err.worker_failures.values():
+            exc: BaseException | None = failure
+            while exc is not None and not isinstance(exc, (UserError, FileNotFoundError)):
+                exc = getattr(exc, "cause", None) or exc.__cause__
+            if exc is not None:
+                raise exc from err
+        raise
+
+
 def run_pretrain(spec: PretrainSpec, progress: bool = True, on_start: Callable[[], None] | None = None) -> Summary:
     """Run (or resume) a pre-training job on Ray Train and return its summary."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
@@ -319,6 +359,7 @@ def run_pretrain(spec: PretrainSpec, progress: bool = True, on_start: Callable[[
     fs, path = fsspec.core.url_to_fs(f"{spec.storage.rstrip('/')}/summary.json")
     if fs.exists(path):
         fs.rm(path)
+    require_data([d.path for d in spec.data])
     gpus = spec.workers if spec.use_gpu else None
     init_local_ray(num_cpus=max(spec.workers * spec.cpus_per_worker, 1), num_gpus=gpus)
     if on_start:
@@ -336,7 +377,7 @@ def run_pretrain(spec: PretrainSpec, progress: bool = True, on_start: Callable[[
         run_config=RunConfig(name=spec.name, storage_path=f"{spec.storage}/ray" if local else spec.storage,
                              failure_config=FailureConfig(max_failures=spec.max_failures)),
     )  # fmt: skip
-    trainer.fit()  # raises if a worker failed
+    fit(trainer)  # raises if a worker failed
     # [ours] Ray Train keeps metrics only alongside Ray checkpoints; ours live in storage, so rank 0 writes the
     # run's summary there and the driver reads it back.
     with fsspec.open(f"{spec.storage.rstrip('/')}/summary.json", "r") as f:
