@@ -229,9 +229,10 @@ def test_a_run_is_not_resumed_on_another_backbone(backbone, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bad_data_is_one_line_before_and_after_ray_starts(backbone, tmp_path, capsys):
+def test_bad_data_is_one_line_before_and_after_ray_starts_and_good_data_trains(backbone, tmp_path, capsys):
     """A missing data folder is refused before Ray starts; data a worker cannot use (a folder without the
-    spec's class sub-folders) fails in the worker, and the command still prints the worker's one line and exits 2."""
+    spec's class sub-folders) fails in the worker, and the command still prints the worker's one line and exits 2.
+    Then the same command trains on good data through Ray Train."""
     import yaml
 
     def finetune(path: Path) -> list[str]:
@@ -248,6 +249,11 @@ def test_bad_data_is_one_line_before_and_after_ray_starts(backbone, tmp_path, ca
     err = finetune(tmp_path / "empty")
     assert err[-1].startswith("skypipe: error:") and "empty/aGrass not found" in err[-1], err[-3:]
     assert not (tmp_path / "store" / "summary.json").exists()
+    good = _spec(tmp_path, backbone, task="classification", modalities=["hr"], steps=2, eval_every=2, data=RSSCN7)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(good.model_dump(mode="json")))
+    assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 0  # the same path, through Ray Train
+    assert "fine-tuned t: 2 steps" in capsys.readouterr().out
+    assert read_task_meta(good.model_path).class_names == ["aGrass", "eForest"]
 
 
 def test_spec_errors_name_the_field(backbone, tmp_path):
